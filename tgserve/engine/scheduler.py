@@ -1,0 +1,183 @@
+"""Continuous batching in tokens: what each step computes, and what the step's results mean.
+
+`schedule()` gives running sequences their tokens first (one for a decode, the next chunk for an
+unfinished prefill), then admits waiting sequences in arrival order while the step's token budget,
+the batch-size cap and the free KV blocks allow. When a running sequence needs a block and none is
+free, the newest running sequence is preempted: its blocks are freed and it goes back to the head
+of the queue, keeping its tokens, to be recomputed later. `update()` appends sampled tokens and
+applies the token-level stops (max_new_tokens, EOS).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable
+
+from tgserve.config import SchedulerConfig
+from tgserve.engine.kv_cache import KVCacheManager
+from tgserve.engine.sequence import Sequence, SequenceStatus
+from tgserve.protocol import AddRequest, EngineStats, FinishReason, SeqOutput
+from tgserve.sampling.sampler import SampledTokens
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens computed for this sequence in this step
+    samples: bool  # whether the step ends with a new token for it
+
+
+@dataclass(frozen=True, slots=True)
+class StepPlan:
+    scheduled: tuple[ScheduledSeq, ...]
+    num_batched_tokens: int
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def sampling(self) -> list[ScheduledSeq]:
+        return [s for s in self.scheduled if s.samples]
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+        if config.max_batch_prefill_tokens is None:
+            raise ValueError("max_batch_prefill_tokens must be resolved before the scheduler starts")
+        self.step_tokens = config.max_batch_prefill_tokens
+        # running decodes always fit in a step: never run more sequences than the step has tokens
+        self.max_running = min(config.max_batch_size or self.step_tokens, self.step_tokens)
+        self.waiting_served_ratio = config.waiting_served_ratio
+        self.max_waiting_tokens = config.max_waiting_tokens
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.watermark_blocks = max(1, kv.pool.num_usable // 100)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.held_steps = 0
+        self._by_id: dict[str, Sequence] = {}
+
+    # ---- requests in and out ------------------------------------------------------------------
+
+    def add(self, request: AddRequest) -> None:
+        seq = Sequence(request)
+        self._by_id[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_ids: Iterable[str]) -> None:
+        for request_id in request_ids:
+            seq = self._by_id.get(request_id)
+            if seq is not None:
+                self._finish(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def stats(self, num_batched_tokens: int = 0, step_seconds: float = 0.0) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.running), num_waiting=len(self.waiting),
+            num_free_blocks=self.kv.num_free_blocks, num_total_blocks=self.kv.pool.num_usable,
+            num_batched_tokens=num_batched_tokens, step_seconds=step_seconds,
+        )
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        budget = self.step_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[str] = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.kv.allocate(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # it preempted itself: nothing after it is left either
+            scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
+            budget -= n
+            i += 1
+        if not preempted:
+            budget = self._admit(scheduled, budget)
+        return StepPlan(tuple(scheduled), self.step_tokens - budget, tuple(preempted))
+
+    def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> int:
+        if not self.waiting:
+            return budget
+        if self.running and self.waiting_served_ratio > 0:
+            # TGI's rule: let a running batch serve until enough requests wait, or they waited long enough
+            enough = len(self.waiting) >= self.waiting_served_ratio * len(self.running)
+            if not enough and self.held_steps < self.max_waiting_tokens:
+                self.held_steps += 1
+                return budget
+        self.held_steps = 0
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            # keep a few blocks back for the running decodes, unless nothing runs
+            reserve = self.watermark_blocks if self.running else 0
+            if not self.kv.can_allocate(self.kv.blocks_needed(seq, n), reserve):
+                break  # strictly FIFO: nobody overtakes the head of the queue
+            self.kv.allocate(seq, n)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, n, n == seq.num_tokens))
+            budget -= n
+        return budget
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _finish(self, seq: Sequence) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        if seq.block_ids:
+            self.kv.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        self._by_id.pop(seq.request_id, None)
+
+    # ---- results of a step --------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, sampled: SampledTokens) -> list[SeqOutput]:
+        outputs: list[SeqOutput] = []
+        j = 0
+        for item in plan.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_tokens
+            if not item.samples:
+                continue
+            token, logprob = sampled.token_ids[j], sampled.logprobs[j]
+            j += 1
+            seq.token_ids.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self._finish(seq)
+            outputs.append(SeqOutput(seq.request_id, [token], [logprob], reason))
+        return outputs
+
+    def fail(self, plan: StepPlan, error: str) -> list[SeqOutput]:
+        """The step raised: every sequence in it ends with the error; the rest carry on."""
+        outputs = []
+        for item in plan.scheduled:
+            if item.seq.status is not SequenceStatus.FINISHED:
+                self._finish(item.seq)
+                outputs.append(SeqOutput(item.seq.request_id, error=error))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        stopping = seq.stopping
+        if seq.num_output_tokens >= stopping.max_new_tokens or seq.num_tokens >= self.max_model_len:
+            return FinishReason.LENGTH
+        if not stopping.ignore_eos and token in stopping.stop_token_ids:
+            return FinishReason.EOS_TOKEN
+        return None

@@ -1,0 +1,51 @@
+"""One request's life inside the engine: its tokens, how many are computed, and its KV blocks."""
+
+from __future__ import annotations
+
+import enum
+
+from tgserve.params import SamplingParams, StoppingParams
+from tgserve.protocol import AddRequest
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Mutable, owned by the scheduler. Prefill, decode, chunking and resume are one rule:
+    `num_computed_tokens` catches up with `num_tokens`, and a sequence samples when they meet."""
+
+    __slots__ = (
+        "request_id", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_ids",
+        "sampling", "stopping", "status", "arrival_time",
+    )
+
+    def __init__(self, request: AddRequest):
+        self.request_id = request.request_id
+        self.token_ids: list[int] = list(request.prompt_ids) + list(request.generated_ids)
+        self.num_prompt_tokens = len(request.prompt_ids)
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        self.sampling: SamplingParams = request.sampling
+        self.stopping: StoppingParams = request.stopping
+        self.status = SequenceStatus.WAITING
+        self.arrival_time = request.arrival_time
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)})")

@@ -1,0 +1,96 @@
+"""Attention over the paged KV cache, and the inputs it needs (built by engine/inputs.py).
+
+The cache of one layer is two tensors `[num_blocks, block_size, kv_heads, head_dim]`, zero-filled
+at start; a sequence owns a list of blocks (its block table). Block 0 is the null block: never
+handed out, so it stays zero, and padded block tables point at it.
+Each step's flat batch puts single-token rows (decodes) first, attended in one batched call, then
+prefill chunks, each attended on its own (their lengths differ, and each call is large).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NULL_BLOCK = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    start: int  # index of the chunk's first token in the flat batch
+    length: int  # new tokens in this step
+    context_len: int  # tokens of this sequence already in the cache
+    block_ids: torch.Tensor | None  # [num_blocks] when context_len > 0: blocks to read
+    mask: torch.Tensor | None  # [length, context_len + length] bool, True = may attend
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionInputs:
+    """What attention layers read for one step (shared by all layers)."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot each new token's K/V goes to
+    num_decode: int  # the first num_decode tokens are one-token rows
+    decode_block_table: torch.Tensor | None  # [num_decode * max_blocks] flattened, padded with NULL_BLOCK
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] bool, True = real key
+    prefills: tuple[PrefillChunk, ...]
+
+
+class PagedAttention(nn.Module):
+    """Writes this step's K/V into the cache, then attends every query to its sequence's keys."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] → [tokens, heads * head_dim]
+        num_blocks, block_size = self.k_cache.shape[:2]
+        k_slots = self.k_cache.view(num_blocks * block_size, self.num_kv_heads, self.head_dim)
+        v_slots = self.v_cache.view(num_blocks * block_size, self.num_kv_heads, self.head_dim)
+        k_slots.index_copy_(0, attn.slot_mapping, k)
+        v_slots.index_copy_(0, attn.slot_mapping, v)
+
+        out = torch.empty_like(q)
+        d = attn.num_decode
+        if d:
+            out[:d] = self._decode(q[:d], attn)
+        for chunk in attn.prefills:
+            rows = slice(chunk.start, chunk.start + chunk.length)
+            out[rows] = self._prefill(q[rows], k[rows], v[rows], chunk)
+        return out.view(q.shape[0], self.num_heads * self.head_dim)
+
+    def _gather(self, cache: torch.Tensor, block_ids: torch.Tensor, rows: int) -> torch.Tensor:
+        # whole blocks are copied at once: [rows, blocks * block_size, kv_heads, head_dim] → heads first
+        g = cache.index_select(0, block_ids)
+        return g.view(rows, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+    def _decode(self, q: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        d = q.shape[0]
+        keys = self._gather(self.k_cache, attn.decode_block_table, d)
+        values = self._gather(self.v_cache, attn.decode_block_table, d)
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=attn.decode_mask, scale=self.scale,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return o.squeeze(2)  # [decodes, heads, head_dim]
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
+        gqa = self.num_heads != self.num_kv_heads
+        q = q.transpose(0, 1).unsqueeze(0)  # [1, heads, length, head_dim]
+        if chunk.context_len == 0:
+            keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        else:
+            total = chunk.context_len + chunk.length
+            keys = self._gather(self.k_cache, chunk.block_ids, 1)[:, :, :total]
+            values = self._gather(self.v_cache, chunk.block_ids, 1)[:, :, :total]
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=chunk.mask, scale=self.scale, enable_gqa=gqa)
+        return o[0].transpose(0, 1)  # [length, heads, head_dim]

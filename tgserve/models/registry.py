@@ -1,0 +1,33 @@
+"""Which class serves which Hugging Face architecture: a table, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+# architectures[0] of config.json → (module under tgserve.models, class)
+ARCHITECTURES: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
+}
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+def model_class(hf_config) -> type[nn.Module]:
+    names = getattr(hf_config, "architectures", None) or []
+    for name in names:
+        if name in ARCHITECTURES:
+            module, cls = ARCHITECTURES[name]
+            return getattr(importlib.import_module(f"tgserve.models.{module}"), cls)
+    raise UnsupportedModel(
+        f"architecture {names or '(none in config.json)'} is not supported; supported: {sorted(ARCHITECTURES)}"
+    )
+
+
+def build_model(hf_config, dtype: torch.dtype, max_model_len: int) -> nn.Module:
+    return model_class(hf_config)(hf_config, dtype, max_model_len)

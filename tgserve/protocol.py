@@ -1,0 +1,109 @@
+"""Messages between the API process and the engine process, and how they are framed.
+
+Transport: ZeroMQ PUSH/PULL pairs over `ipc://` (unix domain) sockets, one msgpack frame per message.
+The API binds both sockets (it outlives engine restarts); the engine and the launcher connect.
+Engine → API carries one `StepOutputs` per step, however many requests it holds.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+
+import msgspec
+
+from tgserve.params import SamplingParams, StoppingParams
+
+
+class FinishReason(str, enum.Enum):
+    """TGI's names. Aborts and errors are not finish reasons; they travel separately."""
+
+    LENGTH = "length"
+    EOS_TOKEN = "eos_token"
+    STOP_SEQUENCE = "stop_sequence"
+
+
+# ---- API → engine ---------------------------------------------------------------------------------
+
+
+class AddRequest(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stopping: StoppingParams
+    arrival_time: float
+    # Tokens generated before an engine restart; prefilled with the prompt, then generation goes on.
+    generated_ids: list[int] = []
+
+
+class Abort(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    request_ids: list[str]
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    pass
+
+
+ToEngine = AddRequest | Abort | Shutdown
+
+
+# ---- engine → API ---------------------------------------------------------------------------------
+
+
+class SeqOutput(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """What one request got from one step: new tokens, and its end if it ended."""
+
+    request_id: str
+    token_ids: list[int] = []
+    logprobs: list[float] = []
+    finish_reason: FinishReason | None = None
+    error: str | None = None  # the engine failed this request (TGI's 424 "generation" error)
+
+
+class EngineStats(msgspec.Struct, frozen=True, array_like=True):
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_batched_tokens: int = 0  # tokens computed in the step these stats follow
+    step_seconds: float = 0.0
+
+
+class StepOutputs(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    outputs: list[SeqOutput]
+    stats: EngineStats
+
+
+class Ready(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    """Sent once the model is loaded and warmed up: facts learned at start-up."""
+
+    num_blocks: int
+    block_size: int
+    max_batch_total_tokens: int
+    dtype: str
+    device: str
+
+
+class EngineFailed(msgspec.Struct, frozen=True, tag=True, array_like=True):
+    """The engine cannot serve (failed to load, or its process died): every request fails."""
+
+    reason: str
+
+
+ToApi = StepOutputs | Ready | EngineFailed
+
+
+# ---- framing --------------------------------------------------------------------------------------
+
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+decode_to_engine = msgspec.msgpack.Decoder(ToEngine).decode
+decode_to_api = msgspec.msgpack.Decoder(ToApi).decode
+
+
+def to_engine_address(ipc_dir: str) -> str:
+    return "ipc://" + os.path.join(ipc_dir, "to-engine")
+
+
+def to_api_address(ipc_dir: str) -> str:
+    return "ipc://" + os.path.join(ipc_dir, "to-api")

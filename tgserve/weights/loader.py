@@ -1,0 +1,72 @@
+"""Loads a checkpoint into a model: one loop over its tensors, each parameter taking its own shard."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from tgserve.layers.linear import default_weight_loader
+from tgserve.models.registry import build_model
+from tgserve.weights.safetensors import iterate_tensors
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+def _fold(name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, object]:
+    """'…self_attn.k_proj.weight' → ('…self_attn.qkv_proj.weight', 'k') for fused parameters."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part in packed:
+            fused, shard = packed[part]
+            return ".".join(parts[:i] + [fused] + parts[i + 1:]), shard
+    return name, None
+
+
+def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
+    ignored: tuple[str, ...] = getattr(model, "ignored_checkpoint_suffixes", ())
+    params = dict(model.named_parameters())
+    parts_per_fused = Counter(fused for fused, _ in packed.values())
+    loaded: Counter[str] = Counter()
+    unexpected: list[str] = []
+    for name, tensor in tensors:
+        if name.endswith(ignored) or (getattr(model, "tied", False) and name == "lm_head.weight"):
+            continue
+        pname, shard = _fold(name, packed)
+        param = params.get(pname)
+        if param is None:
+            unexpected.append(name)
+            continue
+        getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
+        loaded[pname] += 1
+    missing = []
+    for pname in params:
+        module_name = pname.rsplit(".", 2)[-2] if "." in pname else pname
+        if loaded[pname] < parts_per_fused.get(module_name, 1):
+            missing.append(pname)
+    if missing:
+        raise CheckpointMismatch(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+    if unexpected:
+        log.warning("ignored %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[:5])
+
+
+def load_model(folder: str, dtype: torch.dtype, device: torch.device, max_model_len: int) -> tuple[nn.Module, object]:
+    """Build the architecture named in `folder`'s config.json and fill it from its safetensors."""
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(folder)
+    model = build_model(hf_config, dtype, max_model_len)
+    load_weights(model, iterate_tensors(folder))
+    for module in model.modules():
+        quant = getattr(module, "quant", None)
+        if quant is not None:
+            quant.after_load(module)
+    return model.to(device).eval(), hf_config
