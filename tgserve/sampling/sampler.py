@@ -1,8 +1,8 @@
 """Choose each row's next token from its logits, all rows at once, and report its logprob.
 
-Greedy rows take the argmax of the raw logits. Sampled rows apply temperature, then top-k, then
-top-p (TGI's order and transformers' semantics), and pick by inverse CDF with their counter-based
-uniform draw. The reported logprob is the log-softmax of the final processed scores at the token.
+Greedy rows take the argmax of the raw logits. Sampled rows go through temperature, top-k and top-p
+(processors.py), then pick by inverse CDF in vocabulary order with their counter-based uniform
+draw. The reported logprob is the log-softmax of the final processed scores at the chosen token.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tgserve.sampling import processors
 from tgserve.sampling.tensors import SamplingTensors
 
 
@@ -33,25 +34,15 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> SampledTokens:
 
 
 def _sample_rows(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
-    scores = logits / t.temperature[:, None]
-    order = None
-    if t.any_top_k or t.any_top_p:
-        scores, order = scores.sort(dim=-1, descending=True)
-        if t.any_top_k:
-            rank = torch.arange(scores.shape[1], device=scores.device)
-            k = torch.where(t.top_k > 0, t.top_k, scores.shape[1])
-            scores = scores.masked_fill(rank[None, :] >= k[:, None], float("-inf"))
-        if t.any_top_p:
-            probs = scores.softmax(dim=-1)
-            mass_before = probs.cumsum(dim=-1) - probs  # probability of the better-ranked tokens
-            # drop a token once the better ones already hold top_p of the mass (never the first)
-            drop = mass_before >= t.top_p[:, None]
-            drop[:, 0] = False
-            scores = scores.masked_fill(drop, float("-inf"))
+    scores = processors.temperature(logits, t.temperature)
+    if t.any_top_k:
+        scores = processors.top_k(scores, t.top_k)
+    if t.any_top_p:
+        scores = processors.top_p(scores, t.top_p)
     log_z = torch.logsumexp(scores, dim=-1, keepdim=True)
     cdf = (scores - log_z).exp().cumsum(dim=-1)
-    target = (t.uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]).contiguous()
-    choice = torch.searchsorted(cdf, target, right=True).clamp_(max=scores.shape[1] - 1)
-    logprobs = (scores.gather(1, choice) - log_z).squeeze(1)
-    tokens = choice if order is None else order.gather(1, choice)
-    return tokens.squeeze(1), logprobs
+    total = cdf[:, -1:]
+    # the target stays strictly below the total mass, so the pick is always a token with mass > 0
+    target = torch.minimum(t.uniform.to(cdf.dtype)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    choice = torch.searchsorted(cdf, target.contiguous(), right=True)
+    return choice.squeeze(1), (scores.gather(1, choice) - log_z).squeeze(1)

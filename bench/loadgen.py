@@ -1,0 +1,112 @@
+"""Closed-loop load generator: N concurrent streaming clients against TGI's /generate_stream.
+
+Each client sends its next request as soon as its previous one ends. Every request asks for a fixed
+number of tokens (EOS ignored), so throughput counts the same work whatever the model says.
+Reports output tokens/s, requests/s, and TTFT / inter-token latency / request latency percentiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+TOPICS = [
+    "the history of the printing press", "how volcanoes form", "the life cycle of a star", "why bread rises",
+    "the rules of chess", "how vaccines train the immune system", "the water cycle", "the invention of the telephone",
+    "how bees make honey", "the causes of the seasons", "how a bicycle stays upright", "the Roman aqueducts",
+    "how computers store numbers", "the migration of birds", "the process of photosynthesis", "how glass is made",
+]
+STYLES = ["Write a long, detailed essay about {}.", "Explain at length, step by step, {}.",
+          "Tell a long story that teaches {}.", "Write a thorough lecture on {} for curious students."]
+
+
+def make_prompts(tokenizer, n: int = 64) -> list[str]:
+    """n chat-template-wrapped 'write at length' prompts (~30-40 tokens each)."""
+    prompts = []
+    for i in range(n):
+        question = STYLES[i % len(STYLES)].format(TOPICS[(i // len(STYLES)) % len(TOPICS)])
+        prompts.append(tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                     tokenize=False, add_generation_prompt=True))
+    return prompts
+
+
+@dataclass
+class RequestResult:
+    ttft: float
+    itls: list[float]
+    latency: float
+    tokens: int
+    error: str | None = None
+
+
+@dataclass
+class LoadResult:
+    concurrency: int
+    wall: float
+    results: list[RequestResult] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        ok = [r for r in self.results if r.error is None]
+        tokens = sum(r.tokens for r in ok)
+        itls = [x for r in ok for x in r.itls]
+        return {
+            "concurrency": self.concurrency, "requests": len(ok), "errors": len(self.results) - len(ok),
+            "output_tok_s": tokens / self.wall, "rps": len(ok) / self.wall,
+            "ttft_p50": _pct([r.ttft for r in ok], 50), "ttft_p90": _pct([r.ttft for r in ok], 90),
+            "itl_p50": _pct(itls, 50), "itl_p90": _pct(itls, 90), "itl_p99": _pct(itls, 99),
+            "latency_p50": _pct([r.latency for r in ok], 50), "latency_p90": _pct([r.latency for r in ok], 90),
+        }
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, int(p) - 1))]
+
+
+async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_new_tokens: int) -> RequestResult:
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "ignore_eos_token": True}}
+    start = time.perf_counter()
+    stamps: list[float] = []
+    error = None
+    async with session.post(url + "/generate_stream", json=body) as response:
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            payload = json.loads(line[5:])
+            if "error" in payload:
+                error = payload["error"]
+                break
+            stamps.append(time.perf_counter())
+    if not stamps:
+        return RequestResult(0.0, [], time.perf_counter() - start, 0, error or "no tokens")
+    itls = [b - a for a, b in zip(stamps, stamps[1:])]
+    return RequestResult(stamps[0] - start, itls, stamps[-1] - start, len(stamps), error)
+
+
+async def run_load(url: str, prompts: list[str], concurrency: int, num_requests: int,
+                   max_new_tokens: int) -> LoadResult:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for i in range(num_requests):
+        queue.put_nowait(prompts[i % len(prompts)])
+    result = LoadResult(concurrency, 0.0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        async def client() -> None:
+            while not queue.empty():
+                prompt = queue.get_nowait()
+                result.results.append(await _one(session, url, prompt, max_new_tokens))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        result.wall = time.perf_counter() - start
+    return result

@@ -1,0 +1,178 @@
+"""PagedAttention over a paged, shuffled KV cache equals plain causal attention on contiguous K/V.
+
+Each scenario builds synthetic Sequences that own shuffled, non-contiguous blocks, writes the K/V
+of their already-computed tokens into the cache by hand, turns a StepPlan into inputs with the
+real `build_inputs`, runs one PagedAttention step and compares every query row with SDPA over the
+sequence's contiguous keys (GQA expanded with repeat_interleave).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tgserve.engine.inputs import build_inputs
+from tgserve.engine.runner import ModelRunner
+from tgserve.engine.scheduler import ScheduledSeq, StepPlan
+from tgserve.engine.sequence import Sequence
+from tgserve.layers.attention import NULL_BLOCK, PagedAttention
+from tgserve.params import SamplingParams, StoppingParams
+from tgserve.protocol import AddRequest
+
+BLOCK = 4
+NUM_BLOCKS = 48
+HEAD_DIM = 8
+SCALE = HEAD_DIM**-0.5
+CPU = torch.device("cpu")
+HEAD_LAYOUTS = [(4, 2), (4, 4), (4, 1)]  # (query heads, kv heads): GQA, MHA, MQA
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
+    """Causal attention of q (positions context..) over contiguous k/v: [n, heads * head_dim]."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    n, total = q.shape[0], k.shape[0]
+    mask = torch.arange(total)[None, :] <= (context + torch.arange(n))[:, None]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                       attn_mask=mask, scale=SCALE)
+    return o.transpose(0, 1).reshape(n, -1)
+
+
+def make_seq(request_id: str, num_tokens: int, computed: int, block_ids: list[int]) -> Sequence:
+    seq = Sequence(AddRequest(request_id, list(range(1, num_tokens + 1)), SamplingParams(),
+                              StoppingParams(max_new_tokens=1), 0.0))
+    seq.num_computed_tokens = computed
+    seq.block_ids = list(block_ids)
+    return seq
+
+
+def run_step(specs, heads, kv_heads, *, seed=0, k_cache=None, v_cache=None):
+    """specs: (context, new, pending) per sequence, in plan order; pending = prompt tokens left after
+    this chunk. Checks every output row and the cache writes; returns (inputs, output, k_cache)."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (NUM_BLOCKS, BLOCK, kv_heads, HEAD_DIM)
+    k_cache = torch.zeros(shape) if k_cache is None else k_cache
+    v_cache = torch.zeros(shape) if v_cache is None else v_cache
+    attn = PagedAttention(heads, kv_heads, HEAD_DIM, SCALE)
+    attn.bind_cache(k_cache, v_cache)
+    free = (torch.randperm(NUM_BLOCKS - 1, generator=g) + 1).tolist()  # never the null block
+
+    items, data = [], []
+    for i, (context, new, pending) in enumerate(specs):
+        total = context + new
+        blocks = [free.pop() for _ in range(-(-total // BLOCK))]
+        seq = make_seq(f"s{i}", total + pending, context, blocks)
+        k = torch.randn(total, kv_heads, HEAD_DIM, generator=g)
+        v = torch.randn(total, kv_heads, HEAD_DIM, generator=g)
+        q = torch.randn(new, heads, HEAD_DIM, generator=g)
+        for p in range(context):  # the sequence's earlier tokens are already cached
+            k_cache[blocks[p // BLOCK], p % BLOCK] = k[p]
+            v_cache[blocks[p // BLOCK], p % BLOCK] = v[p]
+        items.append(ScheduledSeq(seq, new, pending == 0))
+        data.append((seq, context, q, k, v))
+    plan = StepPlan(tuple(items), sum(n for _, n, _ in specs))
+    inputs = build_inputs(plan, BLOCK, CPU)
+
+    # documented flat order: one-token rows first, then prefill chunks, each in plan order
+    order = [i for i, (_, n, _) in enumerate(specs) if n == 1] + [i for i, (_, n, _) in enumerate(specs) if n > 1]
+    expected_positions = torch.cat([torch.arange(data[i][1], data[i][1] + specs[i][1]) for i in order])
+    assert torch.equal(inputs.positions, expected_positions)
+    q_flat = torch.cat([data[i][2] for i in order])
+    k_flat = torch.cat([data[i][3][data[i][1]:] for i in order])
+    v_flat = torch.cat([data[i][4][data[i][1]:] for i in order])
+    out = attn(q_flat, k_flat, v_flat, inputs.attn)
+
+    assert out.shape == (q_flat.shape[0], heads * HEAD_DIM)
+    row = 0
+    for i in order:
+        seq, context, q, k, v = data[i]
+        n = q.shape[0]
+        torch.testing.assert_close(out[row:row + n], reference(q, k, v, context), rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"sequence {i} (context {context}, new {n}): {m}")
+        row += n
+        for p in range(context + n):  # every token's K/V sits in its own slot afterwards
+            b = seq.block_ids[p // BLOCK]
+            assert torch.equal(k_cache[b, p % BLOCK], k[p]) and torch.equal(v_cache[b, p % BLOCK], v[p])
+    return inputs, out, k_cache
+
+
+@pytest.mark.parametrize("heads,kv_heads", HEAD_LAYOUTS)
+def test_decode_rows_of_different_lengths_match_causal_attention(heads, kv_heads):
+    # total lengths 1 (a one-token sequence), a full block, mid-block ends, several blocks
+    lengths = [1, 3, 4, 5, 7, 13, 16, 22]
+    inputs, _, k_cache = run_step([(n - 1, 1, 0) for n in lengths], heads, kv_heads)
+    assert inputs.attn.num_decode == len(lengths) and not inputs.attn.prefills
+    assert torch.count_nonzero(k_cache[NULL_BLOCK]) == 0  # padding points at the null block, never written
+
+
+@pytest.mark.parametrize("heads,kv_heads", HEAD_LAYOUTS)
+def test_prefill_chunks_without_context_match_causal_attention(heads, kv_heads):
+    inputs, _, _ = run_step([(0, 7, 0), (0, 4, 0), (0, 13, 0), (0, 2, 0)], heads, kv_heads)
+    assert inputs.attn.num_decode == 0
+    assert [c.context_len for c in inputs.attn.prefills] == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("heads,kv_heads", HEAD_LAYOUTS)
+def test_chunked_prefill_continuing_cached_tokens_matches_causal_attention(heads, kv_heads):
+    # chunks that start mid-block, at a block edge, after one token; some leave prompt tokens pending
+    specs = [(4, 5, 3), (3, 9, 0), (8, 2, 0), (1, 16, 7), (6, 3, 0)]
+    inputs, _, _ = run_step(specs, heads, kv_heads)
+    assert [c.context_len for c in inputs.attn.prefills] == [4, 3, 8, 1, 6]
+
+
+@pytest.mark.parametrize("heads,kv_heads", HEAD_LAYOUTS)
+def test_mixed_step_of_decodes_and_prefills_matches_causal_attention(heads, kv_heads):
+    # plan order interleaves them; build_inputs moves the one-token rows to the front
+    specs = [(0, 6, 0), (9, 1, 0), (5, 7, 2), (0, 1, 0), (15, 1, 0), (2, 3, 0), (0, 9, 4)]
+    inputs, _, _ = run_step(specs, heads, kv_heads, seed=3)
+    assert inputs.attn.num_decode == 3
+    # decodes at rows 0..2 (s1, s3, s4); chunks s0 rows 3-8, s2 9-15, s5 16-18, s6 19-27
+    # sampling rows in plan order: s0, s1, s3, s4, s5 (s2 and s6 have prompt tokens left)
+    assert inputs.sample_indices.tolist() == [8, 0, 1, 2, 18]
+
+
+def test_finite_garbage_in_unused_cache_slots_does_not_change_attention():
+    # Freed blocks and the slots past a sequence's end in its last block keep whatever an earlier
+    # sequence wrote. Masked keys get zero weight, so any finite garbage there is harmless.
+    g = torch.Generator().manual_seed(7)
+    shape = (NUM_BLOCKS, BLOCK, 2, HEAD_DIM)
+    k_cache, v_cache = torch.randn(shape, generator=g) * 1e6, torch.randn(shape, generator=g) * 1e6
+    specs = [(0, 1, 0), (2, 1, 0), (5, 1, 0), (10, 1, 0), (0, 6, 0), (3, 6, 0), (9, 2, 0)]
+    _, out, _ = run_step(specs, 4, 2, seed=1, k_cache=k_cache, v_cache=v_cache)
+    assert torch.isfinite(out).all()
+
+
+class _TwoAttentionLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(PagedAttention(4, 2, HEAD_DIM, SCALE) for _ in range(2))
+
+    def attention_layers(self):
+        return list(self.layers)
+
+
+def test_runner_allocates_zeroed_kv_caches_even_over_freed_nan_memory():
+    # A masked NaN still poisons attention (0 * NaN = NaN), so the runner must zero its caches:
+    # free memory full of NaN first, so that an uninitialised allocation would likely reuse it.
+    shape = (12, BLOCK, 2, HEAD_DIM)
+    poison = [torch.full(shape, float("nan")) for _ in range(8)]
+    del poison
+    model = _TwoAttentionLayers()
+    ModelRunner(model, 12, BLOCK, torch.float32, CPU)
+    for layer in model.attention_layers():
+        assert layer.k_cache.shape == shape and layer.v_cache.shape == shape
+        assert torch.count_nonzero(layer.k_cache) == 0 and torch.count_nonzero(layer.v_cache) == 0
+
+
+def test_decode_over_runner_caches_is_finite_after_nan_memory_was_freed():
+    shape = (NUM_BLOCKS, BLOCK, 2, HEAD_DIM)
+    poison = [torch.full(shape, float("nan")) for _ in range(8)]
+    del poison
+    model = _TwoAttentionLayers()
+    ModelRunner(model, NUM_BLOCKS, BLOCK, torch.float32, CPU)
+    layer = model.attention_layers()[0]
+    # rows of 1, 2, 6 tokens: their last blocks end early and the short rows pad with the null block
+    _, out, _ = run_step([(0, 1, 0), (1, 1, 0), (5, 1, 0)], 4, 2, k_cache=layer.k_cache, v_cache=layer.v_cache)
+    assert torch.isfinite(out).all()

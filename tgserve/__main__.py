@@ -1,0 +1,7 @@
+"""`python -m tgserve` is the `tgserve` command."""
+
+import sys
+
+from tgserve.cli import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""The API process: a FastAPI app over an engine client, served by uvicorn.
+
+Malformed bodies get TGI's error JSON (400 for invalid JSON, 422 for a wrong shape) instead of
+FastAPI's default shape. uvicorn's graceful shutdown lets in-flight requests finish on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+
+from tgserve import __version__
+from tgserve.api.engine_client import EngineClient
+from tgserve.api.errors import BodyError
+from tgserve.api.metrics import Metrics
+from tgserve.api.routes_tgi import ApiContext, router
+from tgserve.api.tokenizer import Tokenizer
+from tgserve.api.validate import Validator
+from tgserve.config import Config
+from tgserve.process import become_child
+
+log = logging.getLogger("tgserve.api")
+
+
+def _body_error(exc: RequestValidationError) -> BodyError:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = "; ".join(str(e.get("ctx", {}).get("error", e.get("msg"))) for e in errors)
+        return BodyError(f"Failed to parse the request body as JSON: {detail}", 400)
+    detail = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in errors)
+    return BodyError(f"Failed to deserialize the JSON body into the target type: {detail}", 422)
+
+
+def create_app(config: Config, tokenizer: Tokenizer) -> FastAPI:
+    metrics = Metrics()
+    client = EngineClient(config.ipc_dir, config.server.max_concurrent_requests, tokenizer, metrics)
+    validator = Validator(tokenizer, config.server)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await client.start()
+        yield
+        await client.close()
+        validator.close()
+
+    app = FastAPI(title="Text Generation Inference (tgserve)", version=__version__, lifespan=lifespan,
+                  license_info={"name": "Apache 2.0", "url": "https://www.apache.org/licenses/LICENSE-2.0"})
+    app.state.ctx = ApiContext(config, validator, client, metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_bad_body(request: Request, exc: RequestValidationError) -> Response:
+        error = _body_error(exc)
+        metrics.failure("validation")
+        return Response(error.json(), status_code=error.status, media_type="application/json")
+
+    app.include_router(router)
+    return app
+
+
+def api_main(config: Config) -> None:
+    """Entry point of the API process (started by the launcher)."""
+    become_child(config.server.json_output)
+    tokenizer = Tokenizer(config.model.path)
+    app = create_app(config, tokenizer)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=config.server.hostname, port=config.server.port, loop="uvloop", http="httptools",
+        log_level="warning", access_log=False, lifespan="on",
+        timeout_graceful_shutdown=config.server.graceful_termination_timeout,
+    ))
+    log.info("listening on http://%s:%d", config.server.hostname, config.server.port)
+    server.run()

@@ -1,0 +1,117 @@
+"""The API's link to the engine: admission, the request table, and the two sockets.
+
+The API binds both sockets, so an engine (or the launcher, to report a dead engine) connects to
+it. Messages to the engine leave through one ordered queue; messages from it are handled by one
+task that runs `outputs.process_step` on every step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+
+import zmq
+import zmq.asyncio
+
+from tgserve.api.errors import GenerationError, OverloadedError
+from tgserve.api.metrics import Metrics
+from tgserve.api.outputs import RequestState, process_step
+from tgserve.api.tokenizer import Tokenizer
+from tgserve.api.validate import ValidRequest
+from tgserve.protocol import (Abort, AddRequest, EngineFailed, EngineStats, Ready, StepOutputs, ToEngine,
+                              decode_to_api, encode, to_api_address, to_engine_address)
+
+log = logging.getLogger("tgserve.api")
+
+
+class EngineClient:
+    def __init__(self, ipc_dir: str, max_concurrent_requests: int, tokenizer: Tokenizer, metrics: Metrics):
+        self.ipc_dir = ipc_dir
+        self.max_concurrent_requests = max_concurrent_requests
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+        self.states: dict[str, RequestState] = {}
+        self.ready: Ready | None = None
+        self.failed: str | None = None
+        self.stats: EngineStats | None = None
+        self._ids = itertools.count()
+        self._outbox: asyncio.Queue[ToEngine] = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._ctx: zmq.asyncio.Context | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.ready is not None and self.failed is None
+
+    async def start(self) -> None:
+        self._ctx = zmq.asyncio.Context()
+        self._push = self._ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.SNDHWM, 0)
+        self._push.bind(to_engine_address(self.ipc_dir))
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.RCVHWM, 0)
+        self._pull.bind(to_api_address(self.ipc_dir))
+        self._tasks = [asyncio.create_task(self._send_loop()), asyncio.create_task(self._receive_loop())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._ctx is not None:
+            self._push.close(0)
+            self._pull.close(0)
+            self._ctx.term()
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def submit(self, valid: ValidRequest) -> RequestState:
+        """Admit a validated request (or refuse it) and hand it to the engine."""
+        if self.failed is not None:
+            raise GenerationError(f"Server error: {self.failed}")
+        if len(self.states) >= self.max_concurrent_requests:
+            raise OverloadedError()
+        state = RequestState(str(next(self._ids)), valid, self.tokenizer)
+        self.states[state.request_id] = state
+        self._outbox.put_nowait(AddRequest(
+            state.request_id, valid.prompt_ids, valid.sampling, valid.stopping, time.time()))
+        return state
+
+    def abort(self, request_id: str) -> None:
+        """The client went away: forget the request and free its engine resources."""
+        if self.states.pop(request_id, None) is not None:
+            self.metrics.dropped()
+            self._outbox.put_nowait(Abort([request_id]))
+
+    def _abort_many(self, request_ids: list[str]) -> None:
+        self._outbox.put_nowait(Abort(request_ids))
+
+    # ---- socket loops -------------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        while True:
+            message = await self._outbox.get()
+            await self._push.send(encode(message))
+
+    async def _receive_loop(self) -> None:
+        while True:
+            message = decode_to_api(await self._pull.recv())
+            if isinstance(message, StepOutputs):
+                process_step(message, self.states, self.tokenizer, self._abort_many)
+                self.stats = message.stats
+                self.metrics.engine_stats(message.stats)
+            elif isinstance(message, Ready):
+                self.ready = message
+                log.info("engine ready: KV cache of %d tokens (%s, %s)",
+                         message.max_batch_total_tokens, message.dtype, message.device)
+            elif isinstance(message, EngineFailed):
+                self._engine_failed(message.reason)
+
+    def _engine_failed(self, reason: str) -> None:
+        log.error("engine failed: %s", reason)
+        self.failed = reason
+        error = GenerationError(f"Server error: {reason}")
+        for state in self.states.values():
+            state.fail(error)
+        self.states.clear()

@@ -1,0 +1,106 @@
+"""The one loop over each engine step's outputs: detokenize, stop strings, events to each request.
+
+Everything the API does per generated token happens here, so the routes only format events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from tgserve.api.detokenizer import IncrementalDetokenizer
+from tgserve.api.errors import GenerationError, InferError
+from tgserve.api.stop import StopMatcher
+from tgserve.api.tokenizer import Tokenizer
+from tgserve.api.validate import ValidRequest
+from tgserve.protocol import FinishReason, StepOutputs
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FinalResult:
+    generated_text: str  # the completion only; routes prepend the prompt for return_full_text
+    finish_reason: FinishReason
+    generated_tokens: int
+    seed: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    token: Token
+    final: FinalResult | None  # set on the last token
+
+
+class RequestState:
+    """One request inside the API, owned by the engine client until it ends."""
+
+    __slots__ = ("request_id", "valid", "generated_ids", "tokens", "detok", "stop", "events",
+                 "created", "first_token_at", "finished_at", "final", "error")
+
+    def __init__(self, request_id: str, valid: ValidRequest, tokenizer: Tokenizer):
+        self.request_id = request_id
+        self.valid = valid
+        self.generated_ids: list[int] = []  # the journal: what a restarted engine would resume from
+        self.tokens: list[Token] = []
+        self.detok = IncrementalDetokenizer(tokenizer, valid.prompt_ids)
+        stops = valid.stopping.stop_sequences
+        self.stop = StopMatcher(stops) if stops else None
+        self.events: asyncio.Queue[StreamEvent | InferError] = asyncio.Queue()
+        self.created = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.final: FinalResult | None = None
+        self.error: InferError | None = None
+
+    def fail(self, error: InferError) -> None:
+        self.error = error
+        self.finished_at = time.monotonic()
+        self.events.put_nowait(error)
+
+
+def process_step(step: StepOutputs, states: dict[str, RequestState], tokenizer: Tokenizer,
+                 abort: Callable[[list[str]], None]) -> None:
+    now = time.monotonic()
+    stopped: list[str] = []
+    for out in step.outputs:
+        state = states.get(out.request_id)
+        if state is None:  # already ended here (stop string, disconnect); the engine's tail is dropped
+            continue
+        if out.error is not None:
+            state.fail(GenerationError(f"Server error: {out.error}"))
+            del states[out.request_id]
+            continue
+        if state.first_token_at is None:
+            state.first_token_at = now
+        last = len(out.token_ids) - 1
+        for i, (token_id, logprob) in enumerate(zip(out.token_ids, out.logprobs)):
+            text = state.detok.step(token_id)
+            reason = out.finish_reason if i == last else None
+            if reason is None and state.stop is not None and state.stop.feed(text):
+                reason = FinishReason.STOP_SEQUENCE
+                stopped.append(out.request_id)  # the engine would go on: tell it to stop
+            token = Token(token_id, text, logprob, token_id in tokenizer.special_ids)
+            state.tokens.append(token)
+            state.generated_ids.append(token_id)
+            final = None
+            if reason is not None:
+                final = FinalResult(
+                    generated_text=tokenizer.decode_generated(state.valid.prompt_ids, state.generated_ids),
+                    finish_reason=reason, generated_tokens=len(state.generated_ids), seed=state.valid.seed,
+                )
+                state.final, state.finished_at = final, now
+                del states[out.request_id]
+            state.events.put_nowait(StreamEvent(token, final))
+            if final is not None:
+                break
+    if stopped:
+        abort(stopped)

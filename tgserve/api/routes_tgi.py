@@ -1,0 +1,243 @@
+"""TGI's routes: /generate, /generate_stream, / (compat), /health, /info, /metrics.
+
+Stream routes answer 200 and carry any error as one SSE event, as TGI does; /generate answers
+errors with their status. A client that disconnects has its request aborted in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+
+from tgserve import __version__
+from tgserve.api.engine_client import EngineClient
+from tgserve.api.errors import UNHEALTHY, InferError
+from tgserve.api.metrics import Metrics
+from tgserve.api.outputs import FinalResult, RequestState, StreamEvent, Token
+from tgserve.api.schemas_tgi import CompatGenerateRequest, GenerateParameters, GenerateRequest
+from tgserve.api.validate import ValidRequest, Validator
+from tgserve.config import Config
+
+router = APIRouter()
+JSON = "application/json"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "x-compute-type": "cpu+optimized"}
+
+
+@dataclass(slots=True)
+class ApiContext:
+    config: Config
+    validator: Validator
+    client: EngineClient
+    metrics: Metrics
+
+
+def _ctx(request: Request) -> ApiContext:
+    return request.app.state.ctx
+
+
+def _json(body: object, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type=JSON, headers=headers)
+
+
+def _error(ctx: ApiContext, error: InferError) -> Response:
+    ctx.metrics.failure(error.error_type)
+    return Response(error.json(), status_code=error.status, media_type=JSON)
+
+
+def _token_json(t: Token) -> dict:
+    return {"id": t.id, "text": t.text, "logprob": t.logprob if math.isfinite(t.logprob) else None,
+            "special": t.special}
+
+
+def _full_text(valid: ValidRequest, text: str) -> str:
+    return valid.inputs + text if valid.return_full_text else text
+
+
+# ---- /generate ------------------------------------------------------------------------------------
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _final(state: RequestState) -> FinalResult:
+    while True:
+        event = await state.events.get()
+        if isinstance(event, InferError):
+            raise event
+        if event.final is not None:
+            return event.final
+
+
+async def _generate(ctx: ApiContext, inputs: str, params: GenerateParameters | None, request: Request,
+                    full_text_default: bool) -> tuple[dict, dict]:
+    start = time.monotonic()
+    ctx.metrics.request_count.inc()
+    valid = await ctx.validator.validate(inputs, params, stream=False, return_full_text_default=full_text_default)
+    validated = time.monotonic()
+    state = ctx.client.submit(valid)
+    work = asyncio.ensure_future(_final(state))
+    gone = asyncio.ensure_future(_wait_disconnect(request))
+    done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if work not in done:
+        work.cancel()
+        ctx.client.abort(state.request_id)
+        raise ClientGone()
+    gone.cancel()
+    final = work.result()
+    end = time.monotonic()
+    ctx.metrics.success(end - start, final.generated_tokens)
+    body: dict = {"generated_text": _full_text(valid, final.generated_text)}
+    if valid.details:
+        body["details"] = {
+            "finish_reason": final.finish_reason.value, "generated_tokens": final.generated_tokens,
+            "seed": final.seed, "prefill": [], "tokens": [_token_json(t) for t in state.tokens],
+        }
+    inference = end - validated
+    headers = {
+        "x-compute-type": "cpu+optimized", "x-compute-characters": str(len(inputs)),
+        "x-compute-time": f"{end - start:.6f}", "x-total-time": str(int((end - start) * 1000)),
+        "x-validation-time": str(int((validated - start) * 1000)), "x-inference-time": str(int(inference * 1000)),
+        "x-time-per-token": str(int(inference * 1000 / max(final.generated_tokens, 1))),
+        "x-prompt-tokens": str(len(valid.prompt_ids)), "x-generated-tokens": str(final.generated_tokens),
+    }
+    return body, headers
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, request: Request) -> Response:
+    ctx = _ctx(request)
+    try:
+        result, headers = await _generate(ctx, body.inputs, body.parameters, request, full_text_default=False)
+    except InferError as e:
+        return _error(ctx, e)
+    except ClientGone:
+        return Response(status_code=499)
+    return _json(result, headers=headers)
+
+
+# ---- /generate_stream -----------------------------------------------------------------------------
+
+
+def _sse(payload: dict) -> bytes:
+    return b"data:" + orjson.dumps(payload) + b"\n\n"
+
+
+def _stream_event(event: StreamEvent, index: int, valid: ValidRequest) -> dict:
+    payload: dict = {"index": index, "token": _token_json(event.token), "generated_text": None, "details": None}
+    final = event.final
+    if final is not None:
+        payload["generated_text"] = _full_text(valid, final.generated_text)
+        if valid.details:
+            payload["details"] = {"finish_reason": final.finish_reason.value,
+                                  "generated_tokens": final.generated_tokens, "seed": final.seed,
+                                  "input_length": len(valid.prompt_ids)}
+    return payload
+
+
+async def _stream_events(ctx: ApiContext, inputs: str, params: GenerateParameters | None,
+                         full_text_default: bool) -> AsyncIterator[bytes]:
+    start = time.monotonic()
+    ctx.metrics.request_count.inc()
+    try:
+        valid = await ctx.validator.validate(inputs, params, stream=True, return_full_text_default=full_text_default)
+        state = ctx.client.submit(valid)
+    except InferError as e:
+        ctx.metrics.failure(e.error_type)
+        yield _sse(e.body())
+        return
+    finished = False
+    try:
+        index = 0
+        while not finished:
+            event = await state.events.get()
+            if isinstance(event, InferError):
+                ctx.metrics.failure(event.error_type)
+                finished = True
+                yield _sse(event.body())
+                return
+            index += 1
+            finished = event.final is not None
+            if finished:
+                ctx.metrics.success(time.monotonic() - start, event.final.generated_tokens)
+            yield _sse(_stream_event(event, index, valid))
+    finally:
+        if not finished:  # the client went away mid-stream (or the server is being torn down)
+            ctx.client.abort(state.request_id)
+
+
+def _stream_response(ctx: ApiContext, inputs: str, params: GenerateParameters | None,
+                     full_text_default: bool) -> StreamingResponse:
+    headers = dict(SSE_HEADERS, **{"x-compute-characters": str(len(inputs))})
+    return StreamingResponse(_stream_events(ctx, inputs, params, full_text_default),
+                             media_type="text/event-stream", headers=headers)
+
+
+@router.post("/generate_stream")
+async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
+    return _stream_response(_ctx(request), body.inputs, body.parameters, full_text_default=False)
+
+
+@router.post("/")
+async def compat_generate(body: CompatGenerateRequest, request: Request) -> Response:
+    """TGI's compat route (what the Python clients call): a list, or SSE when `stream` is true.
+    Its return_full_text defaults to true, as TGI's does for text-generation models."""
+    ctx = _ctx(request)
+    if body.stream:
+        return _stream_response(ctx, body.inputs, body.parameters, full_text_default=True)
+    try:
+        result, headers = await _generate(ctx, body.inputs, body.parameters, request, full_text_default=True)
+    except InferError as e:
+        return _error(ctx, e)
+    except ClientGone:
+        return Response(status_code=499)
+    return _json([result], headers=headers)
+
+
+# ---- health, info, metrics ------------------------------------------------------------------------
+
+
+@router.get("/health")
+@router.get("/", include_in_schema=False)
+async def health(request: Request) -> Response:
+    if _ctx(request).client.healthy:
+        return Response(status_code=200)
+    return _json(UNHEALTHY, status=503)
+
+
+@router.get("/info")
+async def info(request: Request) -> Response:
+    ctx = _ctx(request)
+    cfg, ready = ctx.config, ctx.client.ready
+    return _json({
+        "model_id": cfg.model.model_id, "model_sha": None, "model_pipeline_tag": "text-generation",
+        "model_dtype": ready.dtype if ready else cfg.model.dtype,
+        "model_device_type": ready.device if ready else cfg.model.device,
+        "max_concurrent_requests": cfg.server.max_concurrent_requests, "max_best_of": cfg.server.max_best_of,
+        "max_stop_sequences": cfg.server.max_stop_sequences, "max_input_tokens": cfg.server.max_input_tokens,
+        "max_total_tokens": cfg.server.max_total_tokens, "max_input_length": cfg.server.max_input_tokens,
+        "waiting_served_ratio": cfg.scheduler.waiting_served_ratio,
+        "max_batch_total_tokens": ready.max_batch_total_tokens if ready else None,
+        "max_batch_prefill_tokens": cfg.scheduler.max_batch_prefill_tokens,
+        "max_waiting_tokens": cfg.scheduler.max_waiting_tokens, "max_batch_size": cfg.scheduler.max_batch_size,
+        "validation_workers": cfg.server.validation_workers,
+        "max_client_batch_size": cfg.server.max_client_batch_size,
+        "router": "tgserve", "version": __version__, "sha": None, "docker_label": None,
+    })
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_ctx(request).metrics.render(), media_type="text/plain; version=0.0.4")

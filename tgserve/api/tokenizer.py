@@ -1,0 +1,46 @@
+"""The model's tokenizer as the API uses it: encode prompts, decode ids, special-token facts."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+class Tokenizer:
+    def __init__(self, folder: str):
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(folder)
+        # the Rust tokenizer directly: its decode is several times cheaper than the Python wrapper's
+        self.backend = getattr(self.hf, "backend_tokenizer", None)
+        self.special_ids = frozenset(self.hf.all_special_ids)
+        self.eos_token_ids = tuple(sorted(_eos_ids(folder, self.hf)))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.backend is not None:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        if self.backend is not None:
+            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+
+    def decode_generated(self, prompt_ids: list[int], generated_ids: list[int]) -> str:
+        """The final text of a generation. Decoded behind the prompt's last token, as TGI does, so
+        tokenizers that drop a leading space at the start of a text keep it here."""
+        prefix = list(prompt_ids[-1:])
+        head = self.decode(prefix, skip_special_tokens=True)
+        return self.decode(prefix + list(generated_ids), skip_special_tokens=True)[len(head):]
+
+
+def _eos_ids(folder: str, hf_tokenizer) -> set[int]:
+    """The ids `transformers.generate` stops on: generation_config.json, else config.json, else the tokenizer's."""
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                eos = json.load(f).get("eos_token_id")
+            if eos is not None:
+                return set(eos) if isinstance(eos, list) else {eos}
+    return {hf_tokenizer.eos_token_id} if hf_tokenizer.eos_token_id is not None else set()
