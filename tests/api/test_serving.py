@@ -68,7 +68,7 @@ def test_blocks_return_to_the_pool_after_a_burst(tiny_server):
 
 
 def test_blocks_return_when_a_client_disconnects_mid_stream(tiny_server):
-    dropped_before = metric(tiny_server, "tgi_request_failure_total", '{err="dropped"}')
+    dropped_before = metric(tiny_server, "tgi_request_failure", '{err="dropped"}')
     body = {"inputs": "a long one", "parameters": {"max_new_tokens": 500, "ignore_eos_token": True}}
     with httpx.stream("POST", tiny_server.url + "/generate_stream", json=body, timeout=60) as r:
         events = []
@@ -79,7 +79,7 @@ def test_blocks_return_when_a_client_disconnects_mid_stream(tiny_server):
                 break
     assert len(events) == 3 and events[-1]["generated_text"] is None  # left while it was still generating
     assert wait_for(lambda: all_blocks_free(tiny_server))
-    assert wait_for(lambda: metric(tiny_server, "tgi_request_failure_total", '{err="dropped"}') == dropped_before + 1)
+    assert wait_for(lambda: metric(tiny_server, "tgi_request_failure", '{err="dropped"}') == dropped_before + 1)
 
 
 def test_blocks_return_when_a_client_of_generate_gives_up(tiny_server):
@@ -118,3 +118,17 @@ def test_requests_past_max_concurrent_requests_get_429(small_server):
     assert len(refused) + len(refused_streams) <= 18  # at least the two admitted ones ran
     assert all(r.status_code == 200 for r in plain if r not in refused)
     assert wait_for(lambda: all_blocks_free(small_server))
+
+
+def test_metrics_use_tgi_names(tiny_server):
+    httpx.post(tiny_server.url + "/generate", json={"inputs": "count me", "parameters": {"max_new_tokens": 2}})
+    httpx.post(tiny_server.url + "/generate", json={"inputs": ""})
+    r = httpx.get(tiny_server.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    for name in ("tgi_request_count", "tgi_request_success", "tgi_queue_size", "tgi_batch_current_size",
+                 "tgi_request_duration_count", "tgi_request_generated_tokens_bucket"):
+        assert any(line.startswith(name + " ") or line.startswith(name + "{") for line in text.splitlines()), name
+    assert metric(tiny_server, "tgi_request_failure", '{err="validation"}') >= 1
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
+    assert not [n for n in names if n.endswith(("_total", "_created"))]  # TGI's exporter adds no suffixes

@@ -29,6 +29,18 @@ CPU = torch.device("cpu")
 HEAD_LAYOUTS = [(4, 2), (4, 4), (4, 1)]  # (query heads, kv heads): GQA, MHA, MQA
 
 
+@pytest.fixture(autouse=True, params=["native-kernel", "torch-fallback"])
+def decode_path(request, monkeypatch):
+    """Every scenario runs on both decode paths: the native CPU kernel and the PyTorch fallback."""
+    from tgserve.layers import cpu_kernels
+
+    if request.param == "torch-fallback":
+        monkeypatch.setattr(cpu_kernels, "paged_decode", lambda *args: None)
+    else:
+        assert cpu_kernels._library() is not None, "the native kernel must build on this machine"
+    return request.param
+
+
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
     """Causal attention of q (positions context..) over contiguous k/v: [n, heads * head_dim]."""
     rep = q.shape[1] // k.shape[1]
@@ -176,3 +188,24 @@ def test_decode_over_runner_caches_is_finite_after_nan_memory_was_freed():
     # rows of 1, 2, 6 tokens: their last blocks end early and the short rows pad with the null block
     _, out, _ = run_step([(0, 1, 0), (1, 1, 0), (5, 1, 0)], 4, 2, k_cache=layer.k_cache, v_cache=layer.v_cache)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_decode_kernel_matches_the_torch_path_in_half_precision(dtype, decode_path):
+    from tgserve.layers import cpu_kernels
+
+    if decode_path != "native-kernel":
+        pytest.skip("compares the two paths; runs once")
+    g = torch.Generator().manual_seed(3)
+    k_cache = torch.randn(NUM_BLOCKS, BLOCK, 2, HEAD_DIM, generator=g).to(dtype)
+    v_cache = torch.randn(NUM_BLOCKS, BLOCK, 2, HEAD_DIM, generator=g).to(dtype)
+    lens = torch.tensor([1, 5, 9, 12], dtype=torch.long)
+    table = (torch.randperm(NUM_BLOCKS - 1, generator=g)[:12] + 1).view(4, 3)
+    q = torch.randn(4, 4, HEAD_DIM, generator=g).to(dtype)
+    native = cpu_kernels.paged_decode(q, k_cache, v_cache, table, lens, SCALE)
+    for row in range(4):
+        slots = (table[row][:, None] * BLOCK + torch.arange(BLOCK)).view(-1)[: lens[row]]
+        k = k_cache.view(-1, 2, HEAD_DIM)[slots].float()
+        v = v_cache.view(-1, 2, HEAD_DIM)[slots].float()
+        expected = reference(q[row:row + 1].float(), k, v, context=int(lens[row]) - 1)
+        torch.testing.assert_close(native[row].float().reshape(1, -1), expected, atol=2e-2, rtol=2e-2)

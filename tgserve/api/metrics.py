@@ -1,46 +1,79 @@
-"""Prometheus metrics under TGI's names (plus tgserve_* for what TGI has no name for)."""
+"""Prometheus metrics under TGI's exact names (plus tgserve_* for what TGI has no name for).
+
+TGI's exporter names a counter `tgi_request_count`, with no `_total` suffix and no `_created`
+series; dashboards built for TGI query those names, so the text exposition is written here.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import bisect
+from collections import defaultdict
 
 from tgserve.protocol import EngineStats
 
-_DURATION_BUCKETS = tuple(0.00015 * 1.5**k for k in range(35))
+DURATION_BUCKETS = tuple(0.00015 * 1.5**k for k in range(35))
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class _Histogram:
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def lines(self, name: str) -> list[str]:
+        out, running = [], 0
+        for bound, count in zip(self.buckets, self.counts):
+            running += count
+            out.append(f'{name}_bucket{{le="{bound:g}"}} {running}')
+        out.append(f'{name}_bucket{{le="+Inf"}} {running + self.counts[-1]}')
+        out.append(f"{name}_sum {self.sum:g}")
+        out.append(f"{name}_count {running + self.counts[-1]}")
+        return out
 
 
 class Metrics:
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.request_count = Counter("tgi_request_count", "Generation requests received", registry=r)
-        self.request_success = Counter("tgi_request_success", "Requests that completed", registry=r)
-        self.request_failure = Counter("tgi_request_failure", "Requests that failed", ["err"], registry=r)
-        self.request_duration = Histogram("tgi_request_duration", "End-to-end request seconds",
-                                          buckets=_DURATION_BUCKETS, registry=r)
-        self.generated_tokens = Histogram("tgi_request_generated_tokens", "Tokens generated per request",
-                                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
-                                          registry=r)
-        self.queue_size = Gauge("tgi_queue_size", "Requests waiting in the engine queue", registry=r)
-        self.batch_size = Gauge("tgi_batch_current_size", "Sequences in the running batch", registry=r)
-        self.kv_free = Gauge("tgserve_kv_cache_free_blocks", "Free KV-cache blocks", registry=r)
-        self.kv_total = Gauge("tgserve_kv_cache_total_blocks", "KV-cache blocks in all", registry=r)
+        self.request_count = 0
+        self.request_success = 0
+        self.request_failure: dict[str, int] = defaultdict(int)
+        self.request_duration = _Histogram(DURATION_BUCKETS)
+        self.generated_tokens = _Histogram(TOKEN_BUCKETS)
+        self.gauges = {"tgi_queue_size": 0, "tgi_batch_current_size": 0,
+                       "tgserve_kv_cache_free_blocks": 0, "tgserve_kv_cache_total_blocks": 0}
+
+    def received(self) -> None:
+        self.request_count += 1
 
     def engine_stats(self, stats: EngineStats) -> None:
-        self.queue_size.set(stats.num_waiting)
-        self.batch_size.set(stats.num_running)
-        self.kv_free.set(stats.num_free_blocks)
-        self.kv_total.set(stats.num_total_blocks)
+        self.gauges.update(tgi_queue_size=stats.num_waiting, tgi_batch_current_size=stats.num_running,
+                           tgserve_kv_cache_free_blocks=stats.num_free_blocks,
+                           tgserve_kv_cache_total_blocks=stats.num_total_blocks)
 
     def success(self, seconds: float, generated_tokens: int) -> None:
-        self.request_success.inc()
+        self.request_success += 1
         self.request_duration.observe(seconds)
         self.generated_tokens.observe(generated_tokens)
 
     def failure(self, error_type: str) -> None:
-        self.request_failure.labels(err=error_type).inc()
+        self.request_failure[error_type] += 1
 
     def dropped(self) -> None:
-        self.request_failure.labels(err="dropped").inc()
+        self.request_failure["dropped"] += 1
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        lines = ["# TYPE tgi_request_count counter", f"tgi_request_count {self.request_count}",
+                 "# TYPE tgi_request_success counter", f"tgi_request_success {self.request_success}",
+                 "# TYPE tgi_request_failure counter"]
+        lines += [f'tgi_request_failure{{err="{err}"}} {n}' for err, n in sorted(self.request_failure.items())]
+        lines.append("# TYPE tgi_request_duration histogram")
+        lines += self.request_duration.lines("tgi_request_duration")
+        lines.append("# TYPE tgi_request_generated_tokens histogram")
+        lines += self.generated_tokens.lines("tgi_request_generated_tokens")
+        for name, value in self.gauges.items():
+            lines += [f"# TYPE {name} gauge", f"{name} {value}"]
+        return ("\n".join(lines) + "\n").encode()

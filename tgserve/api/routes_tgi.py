@@ -84,7 +84,7 @@ async def _final(state: RequestState) -> FinalResult:
 async def _generate(ctx: ApiContext, inputs: str, params: GenerateParameters | None, request: Request,
                     full_text_default: bool) -> tuple[dict, dict]:
     start = time.monotonic()
-    ctx.metrics.request_count.inc()
+    ctx.metrics.received()
     valid = await ctx.validator.validate(inputs, params, stream=False, return_full_text_default=full_text_default)
     validated = time.monotonic()
     state = ctx.client.submit(valid)
@@ -150,7 +150,7 @@ def _stream_event(event: StreamEvent, index: int, valid: ValidRequest) -> dict:
 async def _stream_events(ctx: ApiContext, inputs: str, params: GenerateParameters | None,
                          full_text_default: bool) -> AsyncIterator[bytes]:
     start = time.monotonic()
-    ctx.metrics.request_count.inc()
+    ctx.metrics.received()
     try:
         valid = await ctx.validator.validate(inputs, params, stream=True, return_full_text_default=full_text_default)
         state = ctx.client.submit(valid)

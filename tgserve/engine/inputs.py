@@ -52,7 +52,7 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Batch
         last_index[id(s)] = start - 1
 
     sample_indices = [last_index[id(s)] for s in plan.scheduled if s.samples]
-    table, mask = _decode_table(decodes, block_size, device) if decodes else (None, None)
+    table, lens, mask = _decode_table(decodes, block_size, device) if decodes else (None, None, None)
     return BatchInputs(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),
         positions=torch.from_numpy(np.concatenate(positions)).to(device),
@@ -60,6 +60,7 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Batch
             slot_mapping=torch.from_numpy(np.concatenate(slots)).to(device),
             num_decode=num_decode,
             decode_block_table=table,
+            decode_seq_lens=lens,
             decode_mask=mask,
             prefills=tuple(chunks),
         ),
@@ -68,8 +69,8 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Batch
 
 
 def _decode_table(decodes: list[ScheduledSeq], block_size: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block tables padded with the null block, and which gathered key positions are real."""
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block tables padded with the null block, lengths, and which gathered key positions are real."""
     lengths = np.array([s.seq.num_computed_tokens + 1 for s in decodes], dtype=np.int64)
     max_blocks = int(-(-lengths.max() // block_size))
     table = np.full((len(decodes), max_blocks), NULL_BLOCK, dtype=np.int64)
@@ -77,7 +78,8 @@ def _decode_table(decodes: list[ScheduledSeq], block_size: int,
         blocks = s.seq.block_ids[:max_blocks]
         table[row, :len(blocks)] = blocks
     mask = np.arange(max_blocks * block_size)[None, :] < lengths[:, None]  # [decodes, keys]
-    return torch.from_numpy(table.reshape(-1)).to(device), torch.from_numpy(mask).to(device)[:, None, None, :]
+    return (torch.from_numpy(table).to(device), torch.from_numpy(lengths).to(device),
+            torch.from_numpy(mask).to(device)[:, None, None, :])
 
 
 def _chunk(block_ids: list[int], start: int, length: int, context: int, block_size: int,

@@ -3,8 +3,9 @@
 The cache of one layer is two tensors `[num_blocks, block_size, kv_heads, head_dim]`, zero-filled
 at start; a sequence owns a list of blocks (its block table). Block 0 is the null block: never
 handed out, so it stays zero, and padded block tables point at it.
-Each step's flat batch puts single-token rows (decodes) first, attended in one batched call, then
-prefill chunks, each attended on its own (their lengths differ, and each call is large).
+Each step's flat batch puts single-token rows (decodes) first, attended in one batched call (a
+native kernel that walks the block tables on CPU, else block gather + SDPA), then prefill chunks,
+each attended on its own (their lengths differ, and each call is large).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tgserve.layers import cpu_kernels
 
 NULL_BLOCK = 0
 
@@ -33,7 +36,8 @@ class AttentionInputs:
 
     slot_mapping: torch.Tensor  # [num_tokens] cache slot each new token's K/V goes to
     num_decode: int  # the first num_decode tokens are one-token rows
-    decode_block_table: torch.Tensor | None  # [num_decode * max_blocks] flattened, padded with NULL_BLOCK
+    decode_block_table: torch.Tensor | None  # [num_decode, max_blocks] int64, padded with NULL_BLOCK
+    decode_seq_lens: torch.Tensor | None  # [num_decode] int64, keys each decode row attends to
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] bool, True = real key
     prefills: tuple[PrefillChunk, ...]
 
@@ -73,9 +77,14 @@ class PagedAttention(nn.Module):
         return g.view(rows, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
     def _decode(self, q: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        out = cpu_kernels.paged_decode(q, self.k_cache, self.v_cache, attn.decode_block_table,
+                                       attn.decode_seq_lens, self.scale)
+        if out is not None:
+            return out
         d = q.shape[0]
-        keys = self._gather(self.k_cache, attn.decode_block_table, d)
-        values = self._gather(self.v_cache, attn.decode_block_table, d)
+        table = attn.decode_block_table.view(-1)
+        keys = self._gather(self.k_cache, table, d)
+        values = self._gather(self.v_cache, table, d)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), keys, values, attn_mask=attn.decode_mask, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
