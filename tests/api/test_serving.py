@@ -132,3 +132,11 @@ def test_metrics_use_tgi_names(tiny_server):
     assert metric(tiny_server, "tgi_request_failure", '{err="validation"}') >= 1
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
     assert not [n for n in names if n.endswith(("_total", "_created"))]  # TGI's exporter adds no suffixes
+
+
+def test_openapi_describes_the_tgi_routes(tiny_server):
+    assert httpx.get(tiny_server.url + "/docs").status_code == 200
+    spec = httpx.get(tiny_server.url + "/openapi.json").json()
+    for route in ("/generate", "/generate_stream", "/", "/health", "/info", "/metrics"):
+        assert route in spec["paths"], route
+    assert "GenerateParameters" in spec["components"]["schemas"]
