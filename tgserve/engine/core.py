@@ -21,6 +21,7 @@ from tgserve.engine.runner import ModelRunner, plan_num_blocks
 from tgserve.engine.scheduler import Scheduler
 from tgserve.params import SamplingParams, StoppingParams
 from tgserve.process import become_child
+from tgserve.sampling.sampler import SampledTokens
 from tgserve.protocol import (Abort, AddRequest, EngineFailed, Ready, Shutdown, StepOutputs, ToApi, ToEngine,
                               decode_to_engine, encode, to_api_address, to_engine_address)
 from tgserve.weights.loader import load_model
@@ -76,20 +77,25 @@ class EngineCore:
         start = time.perf_counter()
         plan = self.scheduler.schedule()
         try:
-            outputs = self.scheduler.update(plan, self.runner.execute(plan)) if plan.scheduled else []
+            sampled = self.runner.execute(plan) if plan.scheduled else SampledTokens([], [])
+            outputs = self.scheduler.update(plan, sampled)
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("step failed; failing its %d requests", len(plan.scheduled))
             outputs = self.scheduler.fail(plan, f"{type(e).__name__}: {e}")
         return StepOutputs(outputs, self.scheduler.stats(plan.num_batched_tokens, time.perf_counter() - start))
 
     def run(self, channel: EngineChannel) -> None:
+        stalled = False  # the last step could schedule nothing: wait for news instead of spinning
         while not self.stopping:
-            busy = self.scheduler.has_work()
+            busy = self.scheduler.has_work() and not stalled
             messages = channel.receive(0 if busy else IDLE_POLL_MS)
             for message in messages:
                 self.handle(message)
             if self.scheduler.has_work():
-                channel.send(self.step())
+                outputs = self.step()
+                stalled = outputs.stats.num_batched_tokens == 0
+                if not stalled or messages:
+                    channel.send(outputs)
             elif messages:  # e.g. aborts freed blocks: let the API's gauges see it
                 channel.send(StepOutputs([], self.scheduler.stats()))
 

@@ -33,6 +33,7 @@ class StepPlan:
     scheduled: tuple[ScheduledSeq, ...]
     num_batched_tokens: int
     preempted: tuple[str, ...] = ()
+    rejected: tuple[str, ...] = ()  # sequences that cannot fit even in an empty cache
 
     @property
     def sampling(self) -> list[ScheduledSeq]:
@@ -85,12 +86,17 @@ class Scheduler:
         budget = self.step_tokens
         scheduled: list[ScheduledSeq] = []
         preempted: list[str] = []
+        rejected: list[str] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.kv.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
+                if victim is seq and len(self.running) == 1:  # alone and still too big: it never fits
+                    self._finish(seq)
+                    rejected.append(seq.request_id)
+                    break
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is seq:
@@ -101,10 +107,10 @@ class Scheduler:
             budget -= n
             i += 1
         if not preempted:
-            budget = self._admit(scheduled, budget)
-        return StepPlan(tuple(scheduled), self.step_tokens - budget, tuple(preempted))
+            budget = self._admit(scheduled, budget, rejected)
+        return StepPlan(tuple(scheduled), self.step_tokens - budget, tuple(preempted), tuple(rejected))
 
-    def _admit(self, scheduled: list[ScheduledSeq], budget: int) -> int:
+    def _admit(self, scheduled: list[ScheduledSeq], budget: int, rejected: list[str]) -> int:
         if not self.waiting:
             return budget
         if self.running and self.waiting_served_ratio > 0:
@@ -119,7 +125,12 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             # keep a few blocks back for the running decodes, unless nothing runs
             reserve = self.watermark_blocks if self.running else 0
-            if not self.kv.can_allocate(self.kv.blocks_needed(seq, n), reserve):
+            need = self.kv.blocks_needed(seq, n)
+            if need > self.kv.pool.num_usable:  # not even an empty cache holds this chunk
+                self._finish(seq)
+                rejected.append(seq.request_id)
+                continue
+            if not self.kv.can_allocate(need, reserve):
                 break  # strictly FIFO: nobody overtakes the head of the queue
             self.kv.allocate(seq, n)
             self.waiting.popleft()
@@ -149,7 +160,8 @@ class Scheduler:
     # ---- results of a step --------------------------------------------------------------------
 
     def update(self, plan: StepPlan, sampled: SampledTokens) -> list[SeqOutput]:
-        outputs: list[SeqOutput] = []
+        outputs = [SeqOutput(r, error="the request needs more KV-cache blocks than the server has")
+                   for r in plan.rejected]
         j = 0
         for item in plan.scheduled:
             seq = item.seq
