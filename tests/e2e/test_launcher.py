@@ -99,3 +99,10 @@ def test_help_lists_every_launcher_flag_with_its_env_var_and_default():
         env = flag[2:].replace("-", "_").upper()
         assert f"[env: {env}]" in text, env
     assert "[default: 3000]" in text and "[default: 128]" in text
+
+
+def test_json_output_logs_json_lines(tmp_path):
+    result = run_cli("serve", "--json-output", "--model-id", str(tmp_path / "absent"))
+    assert result.returncode == 2
+    entries = [json.loads(line) for line in result.stderr.strip().splitlines()]
+    assert entries[-1]["level"] == "ERROR" and "not found" in entries[-1]["message"]
