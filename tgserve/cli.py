@@ -24,9 +24,8 @@ def env_name(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_").upper()
 
 
-def _base_type(annotation: Any) -> type:
-    """`int | None` → int (annotations are strings under `from __future__ import annotations`)."""
-    hint = eval(annotation, {}) if isinstance(annotation, str) else annotation
+def _base_type(hint: Any) -> type:
+    """`int | None` → int."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
@@ -35,9 +34,10 @@ def _base_type(annotation: Any) -> type:
 def _settings() -> list[tuple[str, dataclasses.Field, type]]:
     out = []
     for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.metadata.get("flag"):
-                out.append((section, f, _base_type(f.type)))
+                out.append((section, f, _base_type(hints[f.name])))
     return out
 
 

@@ -19,6 +19,7 @@ def stream_events(server, body: dict, route: str = "/generate_stream") -> list[d
     with httpx.stream("POST", server.url + route, json=body, timeout=60) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-compute-type"] == "cpu+optimized" and r.headers["x-accel-buffering"] == "no"
         raw = r.read().decode()
     chunks = raw.split("\n\n")
     assert chunks[-1] == "", "the stream must end with a complete event"
@@ -53,6 +54,7 @@ def test_generate_details_have_tgi_fields(tiny_server):
         assert set(token) == {"id", "text", "logprob", "special"}
         assert isinstance(token["id"], int) and token["logprob"] <= 0.0
     assert int(r.headers["x-generated-tokens"]) == 12
+    assert r.headers["x-compute-type"] == "cpu+optimized"
     assert int(r.headers["x-prompt-tokens"]) > 0
 
 

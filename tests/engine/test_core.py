@@ -78,3 +78,12 @@ def test_a_step_that_schedules_nothing_makes_the_loop_wait_instead_of_spinning()
     EngineCore(sched, FakeRunner()).run(channel)
     assert channel.timeouts[0] == IDLE_POLL_MS and channel.timeouts[2:] == [IDLE_POLL_MS] * 8
     assert len(channel.sent) == 2  # one per arriving message batch (request, shutdown), none per idle poll
+
+
+def test_a_rejection_on_a_quiet_step_still_reaches_the_api():
+    """The rejecting step computes nothing and no message arrives with it: its error must still be sent."""
+    sched = scheduler(num_blocks=3, step_tokens=4)  # 2 usable blocks; the third chunk cannot fit
+    channel = FakeChannel([request("big", 19)], max_receives=30)
+    EngineCore(sched, FakeRunner()).run(channel)
+    errors = [o for step in channel.sent for o in step.outputs if o.error]
+    assert [o.request_id for o in errors] == ["big"]

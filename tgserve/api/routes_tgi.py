@@ -27,7 +27,7 @@ from tgserve.config import Config
 
 router = APIRouter()
 JSON = "application/json"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "x-compute-type": "cpu+optimized"}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass(slots=True)
@@ -44,6 +44,10 @@ def _ctx(request: Request) -> ApiContext:
 
 def _json(body: object, status: int = 200, headers: dict | None = None) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type=JSON, headers=headers)
+
+
+def _compute_type(ctx: ApiContext) -> str:
+    return f"{ctx.config.model.device or 'cpu'}+optimized"  # TGI's header, named after our device
 
 
 def _error(ctx: ApiContext, error: InferError) -> Response:
@@ -107,7 +111,7 @@ async def _generate(ctx: ApiContext, inputs: str, params: GenerateParameters | N
         }
     inference = end - validated
     headers = {
-        "x-compute-type": "cpu+optimized", "x-compute-characters": str(len(inputs)),
+        "x-compute-type": _compute_type(ctx), "x-compute-characters": str(len(inputs)),
         "x-compute-time": f"{end - start:.6f}", "x-total-time": str(int((end - start) * 1000)),
         "x-validation-time": str(int((validated - start) * 1000)), "x-inference-time": str(int(inference * 1000)),
         "x-time-per-token": str(int(inference * 1000 / max(final.generated_tokens, 1))),
@@ -180,7 +184,7 @@ async def _stream_events(ctx: ApiContext, inputs: str, params: GenerateParameter
 
 def _stream_response(ctx: ApiContext, inputs: str, params: GenerateParameters | None,
                      full_text_default: bool) -> StreamingResponse:
-    headers = dict(SSE_HEADERS, **{"x-compute-characters": str(len(inputs))})
+    headers = dict(SSE_HEADERS, **{"x-compute-characters": str(len(inputs)), "x-compute-type": _compute_type(ctx)})
     return StreamingResponse(_stream_events(ctx, inputs, params, full_text_default),
                              media_type="text/event-stream", headers=headers)
 

@@ -93,7 +93,7 @@ class EngineCore:
                 self.handle(message)
             if self.scheduler.has_work():
                 outputs = self.step()
-                stalled = outputs.stats.num_batched_tokens == 0
+                stalled = outputs.stats.num_batched_tokens == 0 and not outputs.outputs
                 if not stalled or messages:
                     channel.send(outputs)
             elif messages:  # e.g. aborts freed blocks: let the API's gauges see it
