@@ -78,6 +78,17 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SamplingConfig:
+    watermark_gamma: float = setting(
+        0.5, "Fraction of the vocabulary on the watermark's green list (requests with watermark: true).",
+        "--watermark-gamma",
+    )
+    watermark_delta: float = setting(
+        2.0, "Logit bias added to green-list tokens of watermarked requests.", "--watermark-delta"
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     hostname: str = setting("0.0.0.0", "Address the HTTP server listens on.", "--hostname")
     port: int = setting(3000, "HTTP port.", "--port")
@@ -97,6 +108,9 @@ class ServerConfig:
         "--max-total-tokens",
     )
     validation_workers: int = setting(2, "Threads that tokenize and validate requests.", "--validation-workers")
+    disable_grammar_support: bool = setting(
+        False, "Refuse requests with a `grammar` (constrained decoding).", "--disable-grammar-support"
+    )
     max_client_batch_size: int = setting(4, "Most prompts in one client call (reported in /info).", "--max-client-batch-size")
     json_output: bool = setting(False, "Log as JSON lines.", "--json-output")
     graceful_termination_timeout: int = setting(
@@ -109,6 +123,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     ipc_dir: str = ""
 
@@ -117,7 +132,8 @@ class Config:
         return dataclasses.replace(self, **sections)
 
 
-SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig}
+SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "sampling": SamplingConfig,
+            "server": ServerConfig}
 
 
 class ConfigError(ValueError):

@@ -9,16 +9,38 @@ from __future__ import annotations
 import msgspec
 
 
+class GrammarSpec(msgspec.Struct, frozen=True, array_like=True):
+    """A constraint on the generated text, already validated by the API."""
+
+    kind: str  # "json_schema" (value: the schema as JSON text) or "regex"
+    value: str
+
+
 class SamplingParams(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
-    """Next-token choice for one request; the defaults switch every feature off (greedy)."""
+    """Next-token choice for one request; the defaults switch every feature off (greedy).
+
+    Processing order (TGI's): watermark → repetition penalty → frequency penalty → grammar mask,
+    then, for sampled rows only, temperature → top-k → top-p → typical-p.
+    """
 
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
+    typical_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    frequency_penalty: float = 0.0  # 0.0: off
+    watermark: bool = False
+    grammar: GrammarSpec | None = None
     # Always set by the API (a random draw when the request gave none); a sampled row's randomness
     # is a pure function of (seed, position), so the same seed gives the same tokens at any load.
     seed: int = 0
+    top_n_tokens: int = 0  # report this many best alternatives with each generated token
+    prompt_logprobs: bool = False  # report each prompt token's logprob (TGI's decoder_input_details)
+
+    @property
+    def uses_penalty(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
 
 
 class StoppingParams(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):

@@ -26,6 +26,14 @@ class FinishReason(str, enum.Enum):
 # ---- API → engine ---------------------------------------------------------------------------------
 
 
+class Sibling(msgspec.Struct, frozen=True, array_like=True):
+    """One more sequence of the same request (best_of, n): it shares the prompt's KV blocks and
+    differs only in its seed."""
+
+    request_id: str
+    seed: int
+
+
 class AddRequest(msgspec.Struct, frozen=True, tag=True, array_like=True):
     request_id: str
     prompt_ids: list[int]
@@ -34,6 +42,8 @@ class AddRequest(msgspec.Struct, frozen=True, tag=True, array_like=True):
     arrival_time: float
     # Tokens generated before an engine restart; prefilled with the prompt, then generation goes on.
     generated_ids: list[int] = []
+    # Sequences forked from this one when its prompt is computed: no second prefill.
+    siblings: list[Sibling] = []
 
 
 class Abort(msgspec.Struct, frozen=True, tag=True, array_like=True):
@@ -58,6 +68,11 @@ class SeqOutput(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True
     logprobs: list[float] = []
     finish_reason: FinishReason | None = None
     error: str | None = None  # the engine failed this request (TGI's 424 "generation" error)
+    # with top_n_tokens: for each new token, the best alternatives (ids, logprobs), ties included
+    top_ids: list[list[int]] = []
+    top_logprobs: list[list[float]] = []
+    # with prompt_logprobs: logprobs of the next prompt tokens, in order, each position sent once
+    prompt_logprobs: list[float] = []
 
 
 class EngineStats(msgspec.Struct, frozen=True, array_like=True):

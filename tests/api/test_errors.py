@@ -33,6 +33,15 @@ BAD_PARAMETERS = [
     ({"best_of": 2}, "you must use sampling when `best_of` is > 1"),
     ({"best_of": 3, "do_sample": True}, "`best_of` must be > 0 and <= 2. Given: 3"),
     ({"best_of": 2, "do_sample": True, "seed": 1}, "`seed` must not be set when `best_of` > 1"),
+    ({"grammar": {"type": "json", "value": {"type": "object"}}},
+     "grammar is not valid: Grammar must have a 'properties' field"),
+    ({"grammar": {"type": "json", "value": "{not json"}},
+     "grammar is not valid: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+    ({"grammar": {"type": "json", "value": 5}}, "grammar is not supported"),
+    ({"grammar": {"type": "json", "value": {"properties": {"a": {"type": "nosuchtype"}}}}},
+     "grammar is not valid: 'nosuchtype' is not valid under any of the given schemas"),
+    ({"grammar": {"type": "json", "value": {"properties": {"a": {"minLength": -1}}}}},
+     "grammar is not valid: -1 is less than the minimum of 0"),
 ]
 
 
@@ -56,21 +65,22 @@ def test_streams_refuse_best_of_and_decoder_input_details():
         check_parameters(GenerateParameters(decoder_input_details=True), "x", stream=True, cfg=CFG)
 
 
-@pytest.mark.parametrize("params,name", [
-    ({"repetition_penalty": 1.2}, "repetition_penalty"), ({"watermark": True}, "watermark"),
-    ({"top_n_tokens": 2}, "top_n_tokens"), ({"typical_p": 0.5}, "typical_p"),
-    ({"best_of": 2, "do_sample": True}, "best_of"), ({"decoder_input_details": True}, "decoder_input_details"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"grammar": {"type": "regex", "value": "a+"}}, "grammar"),
-])
-def test_parameters_not_implemented_yet_are_refused_not_ignored(params, name):
-    with pytest.raises(ValidationError, match=f"`{name}` is not supported by this server yet"):
-        check_parameters(GenerateParameters(**params), "x", stream=False, cfg=CFG)
-
-
-def test_default_values_of_unimplemented_parameters_are_accepted():
+def test_default_values_are_accepted():
     """What TGI's clients send by default (null, false, 1.0) must pass."""
     check_parameters(GenerateParameters(watermark=False, decoder_input_details=False, repetition_penalty=1.0,
                                         frequency_penalty=0.0, top_n_tokens=0, best_of=1), "x", stream=False, cfg=CFG)
+
+
+def test_best_of_is_refused_when_the_server_allows_only_one():
+    with pytest.raises(ValidationError, match="`best_of` != 1 is not allowed for this endpoint"):
+        check_parameters(GenerateParameters(best_of=2, do_sample=True), "x", stream=False,
+                         cfg=ServerConfig(max_input_tokens=10, max_total_tokens=20, max_best_of=1))
+
+
+def test_grammar_is_refused_when_support_is_disabled():
+    with pytest.raises(ValidationError, match="^grammar is not supported$"):
+        check_parameters(GenerateParameters(grammar={"type": "regex", "value": "a+"}), "x", stream=False,
+                         cfg=ServerConfig(max_input_tokens=10, max_total_tokens=20, disable_grammar_support=True))
 
 
 # ---- over HTTP ------------------------------------------------------------------------------------

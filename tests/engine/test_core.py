@@ -35,6 +35,13 @@ class FakeRunner:
         n = len(plan.sampling)
         return SampledTokens([5] * n, [0.0] * n)
 
+    def admit(self, request_id, sampling, generated) -> None:
+        if sampling.grammar is not None:
+            raise ValueError("no grammar support here")
+
+    def release(self, request_ids: list[str]) -> None:
+        pass
+
 
 def request(request_id: str, prompt_len: int, max_new_tokens: int = 4) -> AddRequest:
     return AddRequest(request_id, list(range(1, prompt_len + 1)), SamplingParams(),
@@ -87,3 +94,17 @@ def test_a_rejection_on_a_quiet_step_still_reaches_the_api():
     EngineCore(sched, FakeRunner()).run(channel)
     errors = [o for step in channel.sent for o in step.outputs if o.error]
     assert [o.request_id for o in errors] == ["big"]
+
+
+def test_a_request_refused_on_arrival_gets_its_error_and_the_engine_serves_the_rest():
+    from tgserve.params import GrammarSpec
+
+    sched = scheduler(num_blocks=16, step_tokens=8)
+    bad = AddRequest("bad", [1, 2], SamplingParams(grammar=GrammarSpec("regex", "a")), StoppingParams(max_new_tokens=2),
+                     0.0)
+    channel = FakeChannel([bad, request("good", 3)], max_receives=20)
+    EngineCore(sched, FakeRunner()).run(channel)
+    outputs = [o for step in channel.sent for o in step.outputs]
+    [error] = [o for o in outputs if o.request_id == "bad"]
+    assert "no grammar support here" in error.error
+    assert [o.finish_reason for o in outputs if o.request_id == "good"][-1] is not None

@@ -30,6 +30,16 @@ def fake_tokens(plan, token: int = 3) -> SampledTokens:
 # ---- BlockPool ------------------------------------------------------------------------------------
 
 
+def test_shared_block_returns_to_the_pool_only_when_its_last_holder_frees_it():
+    pool = BlockPool(4)
+    [b] = pool.allocate(1)
+    pool.share([b])
+    pool.free([b])
+    assert pool.num_free == 2 and pool.refs(b) == 1
+    pool.free([b])
+    assert pool.num_free == 3 and pool.refs(b) == 0
+
+
 def test_pool_needs_a_usable_block_besides_the_null_block():
     with pytest.raises(ValueError):
         BlockPool(1)
@@ -175,3 +185,48 @@ def test_all_blocks_return_to_the_pool_after_aborting_running_and_waiting_reques
     assert not s.has_work()
     assert s.kv.num_free_blocks == s.kv.pool.num_usable
 
+
+
+# ---- forks and copy-on-write ----------------------------------------------------------------------
+
+
+def test_fork_shares_every_block_and_writing_copies_only_the_shared_block_written():
+    kv = KVCacheManager(num_blocks=10, block_size=4)
+    parent = sequence(10)
+    assert kv.allocate(parent, 10)
+    parent.num_computed_tokens = 10
+    child = sequence(10)
+    child.num_computed_tokens = 10
+    kv.fork(parent, child)
+    assert child.block_ids == parent.block_ids and kv.num_free_blocks == 6
+    shared_last = parent.block_ids[2]
+    assert kv.allocate(child, 11)  # writes position 10, inside the shared third block
+    assert child.block_ids[:2] == parent.block_ids[:2] and child.block_ids[2] != shared_last
+    assert kv.take_copies() == [(shared_last, child.block_ids[2])]
+    assert kv.allocate(parent, 11)  # the parent now holds its block alone: written in place
+    assert parent.block_ids[2] == shared_last and kv.take_copies() == []
+    kv.free(parent)
+    kv.free(child)
+    assert kv.num_free_blocks == 9
+
+
+def test_copy_on_write_that_does_not_fit_changes_nothing():
+    kv = KVCacheManager(num_blocks=4, block_size=4)  # 3 usable
+    parent, child = sequence(10), sequence(10)
+    assert kv.allocate(parent, 10)
+    parent.num_computed_tokens = child.num_computed_tokens = 10
+    kv.fork(parent, child)
+    assert kv.num_free_blocks == 0
+    assert not kv.allocate(child, 11)
+    assert child.block_ids == parent.block_ids and kv.take_copies() == []
+
+
+def test_copies_into_blocks_freed_again_are_dropped():
+    kv = KVCacheManager(num_blocks=10, block_size=4)
+    parent, child = sequence(6), sequence(6)
+    assert kv.allocate(parent, 6)
+    parent.num_computed_tokens = child.num_computed_tokens = 6
+    kv.fork(parent, child)
+    assert kv.allocate(child, 7)
+    kv.free(child)  # e.g. preempted in the same schedule
+    assert kv.take_copies() == []

@@ -11,7 +11,7 @@ from tgserve.engine.kv_cache import KVCacheManager
 from tgserve.engine.scheduler import Scheduler, StepPlan
 from tgserve.engine.sequence import SequenceStatus
 from tgserve.params import SamplingParams, StoppingParams
-from tgserve.protocol import AddRequest, FinishReason, SeqOutput
+from tgserve.protocol import AddRequest, FinishReason, SeqOutput, Sibling
 from tgserve.sampling.sampler import SampledTokens
 
 EOS = 2
@@ -39,7 +39,9 @@ def check_plan(s: Scheduler, plan: StepPlan) -> None:
     assert len(s.running) <= s.max_running
     assert len({item.seq.request_id for item in plan.scheduled}) == len(plan.scheduled)
     held = [b for q in s.running for b in q.block_ids]
-    assert len(held) == len(set(held)) and 0 not in held
+    assert 0 not in held
+    for b in set(held):  # a block is shared only through reference counts (best_of siblings)
+        assert s.kv.pool.refs(b) == held.count(b)
     for item in plan.scheduled:
         assert item.num_tokens > 0
         assert len(item.seq.block_ids) * s.kv.block_size >= item.seq.num_computed_tokens + item.num_tokens
@@ -49,7 +51,7 @@ def step(s: Scheduler, token: int | dict[str, int] = TOKEN) -> tuple[StepPlan, l
     """One schedule → fake sample → update; `token` may be per request id."""
     plan = s.schedule()
     check_plan(s, plan)
-    ids = [token.get(item.seq.request_id, TOKEN) if isinstance(token, dict) else token for item in plan.sampling]
+    ids = [token.get(seq.request_id, TOKEN) if isinstance(token, dict) else token for seq in plan.sample_seqs]
     return plan, s.update(plan, SampledTokens(ids, [-0.5] * len(ids)))
 
 
@@ -358,3 +360,91 @@ def test_fail_ends_every_sequence_of_the_plan_with_an_error_and_frees_their_bloc
     assert s.kv.num_free_blocks == s.kv.pool.num_usable
     _, outputs = run_to_end(s)
     assert outputs["c"][-1].finish_reason is FinishReason.LENGTH
+
+
+# ---- best_of siblings: forked from the computed prompt, sharing its blocks -----------------------
+
+
+def with_siblings(request_id: str, num_prompt: int, n: int, max_new_tokens: int = 4) -> AddRequest:
+    return AddRequest(request_id, list(range(10, 10 + num_prompt)), SamplingParams(do_sample=True, seed=1),
+                      StoppingParams(max_new_tokens=max_new_tokens, ignore_eos=True), 0.0,
+                      siblings=[Sibling(f"{request_id}.{k}", 100 + k) for k in range(1, n)])
+
+
+def test_siblings_fork_on_the_step_that_completes_the_prompt_and_share_its_blocks():
+    s = make_scheduler(step_tokens=8, block_size=4)
+    s.add(with_siblings("a", 10, n=3))
+    plan, outs = step(s)  # 8 of 10 prompt tokens: no fork yet
+    assert not plan.scheduled[0].forks and outs == []
+    plan, outs = step(s)  # the last 2: forks sample from the same row
+    [item] = plan.scheduled
+    assert [f.request_id for f in item.forks] == ["a.1", "a.2"]
+    assert [f.sampling.seed for f in item.forks] == [101, 102]
+    assert [o.request_id for o in outs] == ["a", "a.1", "a.2"]
+    assert [seq.request_id for seq in plan.sample_seqs] == ["a", "a.1", "a.2"]
+    # 10 prompt tokens in 3 blocks, held by all three: no second prefill, no copy of the prompt
+    assert s.kv.num_free_blocks == s.kv.pool.num_usable - 3
+    assert all(seq.block_ids == s.running[0].block_ids for seq in s.running)
+    assert all(s.kv.pool.refs(b) == 3 for b in s.running[0].block_ids)
+
+
+def test_a_shared_partial_block_is_copied_before_a_sibling_writes_into_it():
+    s = make_scheduler(step_tokens=16, block_size=4)
+    s.add(with_siblings("a", 10, n=3))  # the prompt's last block holds 2 of 4 tokens
+    step(s)
+    plan, _ = step(s)  # each sequence writes its first generated token at position 10
+    # the first two writers copy the shared block; the last holds it alone and writes in place
+    assert len(plan.block_copies) == 2
+    sources = {src for src, _ in plan.block_copies}
+    assert len(sources) == 1
+    [src] = sources
+    tables = [seq.block_ids for seq in s.running]
+    assert sum(t[2] == src for t in tables) == 1
+    assert all(t[:2] == tables[0][:2] for t in tables)  # the full blocks stay shared
+    assert s.kv.num_free_blocks == s.kv.pool.num_usable - 5  # 3 prompt blocks + 2 copies, not 9
+
+
+def test_siblings_finish_independently_and_every_block_returns():
+    s = make_scheduler(step_tokens=16, block_size=4)
+    s.add(with_siblings("a", 9, n=2, max_new_tokens=6))
+    _, outputs = run_to_end(s)
+    assert sorted(outputs) == ["a", "a.1"]
+    for request_id in ("a", "a.1"):
+        assert sum(len(o.token_ids) for o in outputs[request_id]) == 6
+        assert outputs[request_id][-1].finish_reason is FinishReason.LENGTH
+
+
+def test_a_rejected_request_fails_its_unforked_siblings_too():
+    s = make_scheduler(step_tokens=64, num_blocks=4, block_size=4)  # 3 usable blocks: 12 tokens
+    s.add(with_siblings("big", 20, n=2))
+    plan, outs = step(s)
+    assert sorted(o.request_id for o in outs) == ["big", "big.1"]
+    assert all(o.error for o in outs)
+    assert not s.has_work()
+
+
+def test_aborting_one_sibling_leaves_the_other_running_with_the_shared_blocks():
+    s = make_scheduler(step_tokens=16, block_size=4)
+    s.add(with_siblings("a", 8, n=2, max_new_tokens=5))
+    step(s)
+    s.abort(["a"])
+    [left] = s.running
+    assert left.request_id == "a.1"
+    assert all(s.kv.pool.refs(b) == 1 for b in left.block_ids)
+    _, outputs = run_to_end(s)
+    assert sum(len(o.token_ids) for o in outputs["a.1"]) == 4
+
+
+def test_preempting_a_sibling_frees_only_its_references():
+    s = make_scheduler(step_tokens=16, num_blocks=7, block_size=4)  # 6 usable blocks
+    s.add(with_siblings("a", 8, n=2, max_new_tokens=12))
+    step(s)  # prompt: 2 shared blocks
+    while s.has_work():
+        plan, _ = step(s)
+        if plan.preempted:
+            break
+    assert plan.preempted == ("a.1",)
+    [runner] = s.running
+    assert all(s.kv.pool.refs(b) == 1 for b in runner.block_ids)
+    _, outputs = run_to_end(s)
+    assert outputs["a.1"][-1].finish_reason is FinishReason.LENGTH

@@ -37,10 +37,20 @@ def _body_error(exc: RequestValidationError) -> BodyError:
     return BodyError(f"Failed to deserialize the JSON body into the target type: {detail}", 422)
 
 
+def _grammar_checker(config: Config, tokenizer: Tokenizer):
+    """llguidance's validation over the model's tokenizer; None when grammars cannot be served."""
+    if config.server.disable_grammar_support or config.model.path is None:
+        return None
+    from tgserve.grammars import GrammarChecker, load_tokenizer
+
+    tok = load_tokenizer(config.model.path, None, sorted(tokenizer.eos_token_ids))
+    return GrammarChecker(tok) if tok is not None else None
+
+
 def create_app(config: Config, tokenizer: Tokenizer) -> FastAPI:
     metrics = Metrics()
     client = EngineClient(config.ipc_dir, config.server.max_concurrent_requests, tokenizer, metrics)
-    validator = Validator(tokenizer, config.server)
+    validator = Validator(tokenizer, config.server, _grammar_checker(config, tokenizer))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -20,7 +20,7 @@ from tgserve.api.metrics import Metrics
 from tgserve.api.outputs import RequestState, process_step
 from tgserve.api.tokenizer import Tokenizer
 from tgserve.api.validate import ValidRequest
-from tgserve.protocol import (Abort, AddRequest, EngineFailed, EngineStats, Ready, StepOutputs, ToEngine,
+from tgserve.protocol import (Abort, AddRequest, EngineFailed, EngineStats, Ready, Sibling, StepOutputs, ToEngine,
                               decode_to_api, encode, to_api_address, to_engine_address)
 
 log = logging.getLogger("tgserve.api")
@@ -67,22 +67,30 @@ class EngineClient:
     # ---- requests -----------------------------------------------------------------------------
 
     def submit(self, valid: ValidRequest) -> RequestState:
-        """Admit a validated request (or refuse it) and hand it to the engine."""
+        """Admit a validated request (or refuse it) and hand it to the engine. A best_of request
+        takes one slot per sequence, as in TGI; its siblings hang off the returned state."""
         if self.failed is not None:
             raise GenerationError(f"Server error: {self.failed}")
-        if len(self.states) >= self.max_concurrent_requests:
+        if len(self.states) + valid.best_of > self.max_concurrent_requests:
             raise OverloadedError()
-        state = RequestState(str(next(self._ids)), valid, self.tokenizer)
-        self.states[state.request_id] = state
+        group = str(next(self._ids))
+        state = RequestState(group, valid, self.tokenizer)
+        state.siblings = [RequestState(f"{group}.{k}", valid, self.tokenizer, seed=seed)
+                          for k, seed in enumerate(valid.sibling_seeds, start=1)]
+        for s in (state, *state.siblings):
+            self.states[s.request_id] = s
         self._outbox.put_nowait(AddRequest(
-            state.request_id, valid.prompt_ids, valid.sampling, valid.stopping, time.time()))
+            state.request_id, valid.prompt_ids, valid.sampling, valid.stopping, time.time(),
+            siblings=[Sibling(s.request_id, s.seed) for s in state.siblings]))
         return state
 
-    def abort(self, request_id: str) -> None:
-        """The client went away: forget the request and free its engine resources."""
-        if self.states.pop(request_id, None) is not None:
+    def abort(self, state: RequestState) -> None:
+        """The client went away: forget the request (all its sequences) and free its engine resources."""
+        group = [state.request_id, *(s.request_id for s in state.siblings)]
+        live = [r for r in group if self.states.pop(r, None) is not None]
+        if live:
             self.metrics.dropped()
-            self._outbox.put_nowait(Abort([request_id]))
+            self._outbox.put_nowait(Abort(live))
 
     def _abort_many(self, request_ids: list[str]) -> None:
         self._outbox.put_nowait(Abort(request_ids))

@@ -37,20 +37,27 @@ class FinalResult:
 @dataclass(frozen=True, slots=True)
 class StreamEvent:
     token: Token
+    top_tokens: list[Token] | None  # with top_n_tokens: the best alternatives for this position
     final: FinalResult | None  # set on the last token
 
 
 class RequestState:
-    """One request inside the API, owned by the engine client until it ends."""
+    """One sequence of a request inside the API, owned by the engine client until it ends. A
+    best_of request has one per sequence; the first holds the others in `siblings`."""
 
-    __slots__ = ("request_id", "valid", "generated_ids", "tokens", "detok", "stop", "events",
-                 "created", "first_token_at", "finished_at", "final", "error")
+    __slots__ = ("request_id", "valid", "seed", "generated_ids", "tokens", "top_tokens", "prefill_logprobs",
+                 "siblings", "detok", "stop", "events", "created", "first_token_at", "finished_at", "final",
+                 "error")
 
-    def __init__(self, request_id: str, valid: ValidRequest, tokenizer: Tokenizer):
+    def __init__(self, request_id: str, valid: ValidRequest, tokenizer: Tokenizer, seed: int | None = None):
         self.request_id = request_id
         self.valid = valid
+        self.seed = valid.seed if seed is None else seed
         self.generated_ids: list[int] = []  # the journal: what a restarted engine would resume from
         self.tokens: list[Token] = []
+        self.top_tokens: list[list[Token]] = []  # one list per generated token, with top_n_tokens
+        self.prefill_logprobs: list[float] = []  # prompt tokens 1.. (decoder_input_details)
+        self.siblings: list[RequestState] = []
         self.detok = IncrementalDetokenizer(tokenizer, valid.prompt_ids)
         stops = valid.stopping.stop_sequences
         self.stop = StopMatcher(stops) if stops else None
@@ -79,6 +86,9 @@ def process_step(step: StepOutputs, states: dict[str, RequestState], tokenizer: 
             state.fail(GenerationError(f"Server error: {out.error}"))
             del states[out.request_id]
             continue
+        state.prefill_logprobs.extend(out.prompt_logprobs)
+        if not out.token_ids:
+            continue
         if state.first_token_at is None:
             state.first_token_at = now
         last = len(out.token_ids) - 1
@@ -91,15 +101,20 @@ def process_step(step: StepOutputs, states: dict[str, RequestState], tokenizer: 
             token = Token(token_id, text, logprob, token_id in tokenizer.special_ids)
             state.tokens.append(token)
             state.generated_ids.append(token_id)
+            top = None
+            if out.top_ids:
+                top = [Token(t, tokenizer.decode([t]), lp, t in tokenizer.special_ids)
+                       for t, lp in zip(out.top_ids[i], out.top_logprobs[i])]
+                state.top_tokens.append(top)
             final = None
             if reason is not None:
                 final = FinalResult(
                     generated_text=tokenizer.decode_generated(state.valid.prompt_ids, state.generated_ids),
-                    finish_reason=reason, generated_tokens=len(state.generated_ids), seed=state.valid.seed,
+                    finish_reason=reason, generated_tokens=len(state.generated_ids), seed=state.seed,
                 )
                 state.final, state.finished_at = final, now
                 del states[out.request_id]
-            state.events.put_nowait(StreamEvent(token, final))
+            state.events.put_nowait(StreamEvent(token, top, final))
             if final is not None:
                 break
     if stopped:

@@ -64,6 +64,27 @@ def _full_text(valid: ValidRequest, text: str) -> str:
     return valid.inputs + text if valid.return_full_text else text
 
 
+def _prefill(ctx: ApiContext, valid: ValidRequest, logprobs: list[float]) -> list[dict]:
+    """Every prompt token with its text and logprob (the first has none), when asked for."""
+    if not valid.decoder_input_details:
+        return []
+    decode = ctx.validator.tokenizer.decode
+    return [{"id": i, "text": decode([i]), "logprob": lp}
+            for i, lp in zip(valid.prompt_ids, [None, *logprobs])]
+
+
+def _sequence_details(state: RequestState, final: FinalResult, prefill: list[dict]) -> dict:
+    details: dict = {"finish_reason": final.finish_reason.value, "generated_tokens": final.generated_tokens,
+                     "seed": final.seed, "prefill": prefill, "tokens": [_token_json(t) for t in state.tokens]}
+    if state.top_tokens:
+        details["top_tokens"] = [[_token_json(t) for t in top] for top in state.top_tokens]
+    return details
+
+
+def _mean_logprob(state: RequestState) -> float:
+    return sum(t.logprob for t in state.tokens) / max(len(state.tokens), 1)
+
+
 # ---- /generate ------------------------------------------------------------------------------------
 
 
@@ -92,23 +113,40 @@ async def _generate(ctx: ApiContext, inputs: str, params: GenerateParameters | N
     valid = await ctx.validator.validate(inputs, params, stream=False, return_full_text_default=full_text_default)
     validated = time.monotonic()
     state = ctx.client.submit(valid)
-    work = asyncio.ensure_future(_final(state))
+    group = [state, *state.siblings]
+    tasks = [asyncio.ensure_future(_final(s)) for s in group]
+    work = asyncio.ensure_future(asyncio.gather(*tasks))
     gone = asyncio.ensure_future(_wait_disconnect(request))
-    done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
     if work not in done:
-        work.cancel()
-        ctx.client.abort(state.request_id)
+        for task in tasks:
+            task.cancel()
+        ctx.client.abort(state)
         raise ClientGone()
-    gone.cancel()
-    final = work.result()
+    try:
+        finals = work.result()
+    except InferError:
+        for task in tasks:  # one sequence failed: the others are not worth finishing
+            task.cancel()
+        ctx.client.abort(state)
+        raise
     end = time.monotonic()
+    # best_of: TGI returns the sequence with the highest mean token logprob, the others beside it
+    best = max(range(len(group)), key=lambda i: _mean_logprob(group[i])) if len(group) > 1 else 0
+    final = finals[best]
     ctx.metrics.success(end - start, final.generated_tokens)
     body: dict = {"generated_text": _full_text(valid, final.generated_text)}
     if valid.details:
-        body["details"] = {
-            "finish_reason": final.finish_reason.value, "generated_tokens": final.generated_tokens,
-            "seed": final.seed, "prefill": [], "tokens": [_token_json(t) for t in state.tokens],
-        }
+        prefill = _prefill(ctx, valid, state.prefill_logprobs)
+        body["details"] = _sequence_details(group[best], final, prefill)
+        if len(group) > 1:
+            body["details"]["best_of_sequences"] = [
+                {"generated_text": _full_text(valid, finals[i].generated_text),
+                 **_sequence_details(group[i], finals[i], prefill)}
+                for i in range(len(group)) if i != best]
     inference = end - validated
     headers = {
         "x-compute-type": _compute_type(ctx), "x-compute-characters": str(len(inputs)),
@@ -141,6 +179,8 @@ def _sse(payload: dict) -> bytes:
 
 def _stream_event(event: StreamEvent, index: int, valid: ValidRequest) -> dict:
     payload: dict = {"index": index, "token": _token_json(event.token), "generated_text": None, "details": None}
+    if event.top_tokens is not None:
+        payload["top_tokens"] = [_token_json(t) for t in event.top_tokens]
     final = event.final
     if final is not None:
         payload["generated_text"] = _full_text(valid, final.generated_text)
@@ -179,7 +219,7 @@ async def _stream_events(ctx: ApiContext, inputs: str, params: GenerateParameter
             yield _sse(_stream_event(event, index, valid))
     finally:
         if not finished:  # the client went away mid-stream (or the server is being torn down)
-            ctx.client.abort(state.request_id)
+            ctx.client.abort(state)
 
 
 def _stream_response(ctx: ApiContext, inputs: str, params: GenerateParameters | None,

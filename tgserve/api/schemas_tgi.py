@@ -6,7 +6,7 @@ routes_tgi.py and pinned by tests.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,8 +15,11 @@ U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
 
 
 class Grammar(BaseModel):
+    """TGI's tagged grammar: json (alias json_object) or json_schema with a JSON schema, regex with
+    a pattern. Another type is a body error, as in TGI."""
+
     model_config = ConfigDict(strict=True)
-    type: str
+    type: Literal["json", "json_object", "json_schema", "regex"]
     value: Any
 
 

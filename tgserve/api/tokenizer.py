@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 
 class Tokenizer:
     def __init__(self, folder: str):
@@ -35,12 +32,8 @@ class Tokenizer:
 
 
 def _eos_ids(folder: str, hf_tokenizer) -> set[int]:
-    """The ids `transformers.generate` stops on: generation_config.json, else config.json, else the tokenizer's."""
-    for name in ("generation_config.json", "config.json"):
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                eos = json.load(f).get("eos_token_id")
-            if eos is not None:
-                return set(eos) if isinstance(eos, list) else {eos}
-    return {hf_tokenizer.eos_token_id} if hf_tokenizer.eos_token_id is not None else set()
+    """The ids `transformers.generate` stops on, else the tokenizer's EOS."""
+    from tgserve.weights.locate import generation_eos_ids
+
+    return generation_eos_ids(folder) or (
+        {hf_tokenizer.eos_token_id} if hf_tokenizer.eos_token_id is not None else set())

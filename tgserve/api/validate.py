@@ -1,21 +1,27 @@
 """The gate between a request's wire parameters and the engine: TGI's rules, order and messages.
 
 Produces a `ValidRequest` (prompt token ids + SamplingParams + StoppingParams + response flags) or
-raises `ValidationError`. Tokenization runs on worker threads so the event loop never waits on it.
+raises `ValidationError`. Tokenization and grammar compilation run on worker threads so the event
+loop never waits on them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from tgserve.api.errors import ValidationError
-from tgserve.api.schemas_tgi import GenerateParameters
+from tgserve.api.schemas_tgi import GenerateParameters, Grammar
 from tgserve.api.tokenizer import Tokenizer
 from tgserve.config import ServerConfig
-from tgserve.params import SamplingParams, StoppingParams
+from tgserve.params import GrammarSpec, SamplingParams, StoppingParams
+
+# compiles a grammar against the model's tokenizer: None when it is usable, else the reason
+GrammarCheck = Callable[[GrammarSpec], "str | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,34 +33,31 @@ class ValidRequest:
     details: bool
     return_full_text: bool
     seed: int | None  # reported in details; None when decoding is greedy
+    decoder_input_details: bool = False
+    best_of: int = 1
+    # best_of > 1: the seeds of the other sequences (each draws its own, as in TGI)
+    sibling_seeds: tuple[int, ...] = ()
 
 
-# Parameters TGI has that this server does not implement yet: a non-default value is refused.
-_NOT_YET = (
-    ("best_of", lambda p: p.best_of is not None and p.best_of > 1),
-    ("repetition_penalty", lambda p: p.repetition_penalty not in (None, 1.0)),
-    ("frequency_penalty", lambda p: p.frequency_penalty not in (None, 0.0)),
-    ("typical_p", lambda p: p.typical_p is not None),
-    ("top_n_tokens", lambda p: bool(p.top_n_tokens)),
-    ("watermark", lambda p: p.watermark),
-    ("grammar", lambda p: p.grammar is not None),
-    ("decoder_input_details", lambda p: p.decoder_input_details),
-)
+def samples(p: GenerateParameters) -> bool:
+    """TGI's router rule (best_of's check): sampling asked for, or any warper set."""
+    return p.do_sample or any(x is not None for x in (p.temperature, p.top_k, p.top_p, p.typical_p))
 
 
-def check_parameters(p: GenerateParameters, inputs: str, stream: bool, cfg: ServerConfig) -> None:
-    """Everything that needs no tokenizer, in TGI's order."""
-    samples = p.do_sample or any(x is not None for x in (p.temperature, p.top_k, p.top_p, p.typical_p))
+def check_parameters(p: GenerateParameters, inputs: str, stream: bool, cfg: ServerConfig) -> GrammarSpec | None:
+    """Everything that needs no tokenizer, in TGI's order. Returns the grammar, normalised."""
     best_of = p.best_of if p.best_of is not None else 1
-    if best_of != 1:
-        if best_of == 0 or best_of > cfg.max_best_of:
-            raise ValidationError(f"`best_of` must be > 0 and <= {cfg.max_best_of}. Given: {best_of}")
-        if stream:
-            raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
-        if not samples:
-            raise ValidationError("you must use sampling when `best_of` is > 1")
+    if stream and best_of != 1:  # stream routes check these two before anything else
+        raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
     if stream and p.decoder_input_details:
         raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
+    if best_of != 1:
+        if cfg.max_best_of == 1:
+            raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
+        if best_of == 0 or best_of > cfg.max_best_of:
+            raise ValidationError(f"`best_of` must be > 0 and <= {cfg.max_best_of}. Given: {best_of}")
+    if best_of > 1 and not samples(p):
+        raise ValidationError("you must use sampling when `best_of` is > 1")
     if p.temperature is not None and p.temperature <= 0:
         raise ValidationError("`temperature` must be strictly positive")
     if p.repetition_penalty is not None and p.repetition_penalty <= 0:
@@ -84,26 +87,65 @@ def check_parameters(p: GenerateParameters, inputs: str, stream: bool, cfg: Serv
             f"`truncate` must be strictly positive and less than {cfg.max_input_tokens}. Given: {p.truncate}")
     if any(not s for s in p.stop):
         raise ValidationError("`stop` sequences cannot be empty")
-    for name, used in _NOT_YET:
-        if used(p):
-            raise ValidationError(f"`{name}` is not supported by this server yet")
+    return normalise_grammar(p.grammar, cfg) if p.grammar is not None else None
+
+
+def normalise_grammar(grammar: Grammar, cfg: ServerConfig) -> GrammarSpec:
+    """TGI's grammar rules: json / json_object take a JSON schema (an object, or a string holding
+    one) that is a valid draft 2020-12 schema with `properties`; json_schema takes {name?, schema};
+    regex takes a pattern. The library's own compilation is checked later, off the event loop."""
+    if cfg.disable_grammar_support:
+        raise ValidationError("grammar is not supported")
+    if grammar.type == "regex":
+        if not isinstance(grammar.value, str):
+            raise ValidationError("grammar is not supported")
+        return GrammarSpec("regex", grammar.value)
+    value: Any = grammar.value
+    if grammar.type == "json_schema":
+        if not isinstance(value, dict) or "schema" not in value:
+            raise ValidationError("grammar is not valid: `json_schema` needs a `schema` object")
+        value = value["schema"]
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValidationError(f"grammar is not valid: {e}") from None
+    if not isinstance(value, dict):
+        raise ValidationError("grammar is not supported")
+    import jsonschema  # imported on first use: most requests carry no grammar
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(value)
+    except jsonschema.SchemaError as e:
+        raise ValidationError(f"grammar is not valid: {e.message}") from None
+    if grammar.type != "json_schema" and "properties" not in value:
+        raise ValidationError("grammar is not valid: Grammar must have a 'properties' field")
+    return GrammarSpec("json_schema", json.dumps(value))
 
 
 class Validator:
-    def __init__(self, tokenizer: Tokenizer, cfg: ServerConfig):
-        self.tokenizer, self.cfg = tokenizer, cfg
+    def __init__(self, tokenizer: Tokenizer, cfg: ServerConfig, grammar_check: GrammarCheck | None = None):
+        self.tokenizer, self.cfg, self.grammar_check = tokenizer, cfg, grammar_check
         self._pool = ThreadPoolExecutor(cfg.validation_workers, thread_name_prefix="validation")
 
     async def validate(self, inputs: str, params: GenerateParameters | None, stream: bool,
                        return_full_text_default: bool = False) -> ValidRequest:
         # TGI: an omitted `parameters` object means sampling; a present-but-empty one means greedy
         p = params if params is not None else GenerateParameters(do_sample=True)
-        check_parameters(p, inputs, stream, self.cfg)
+        grammar = check_parameters(p, inputs, stream, self.cfg)
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(self._pool, self.tokenizer.encode, inputs)
-        return self.finish(inputs, ids, p, return_full_text_default)
+        valid = self.finish(inputs, ids, p, return_full_text_default, grammar)
+        if grammar is not None:
+            if self.grammar_check is None:  # the model has no tokenizer.json for llguidance
+                raise ValidationError("grammar is not supported")
+            error = await loop.run_in_executor(self._pool, self.grammar_check, grammar)
+            if error is not None:
+                raise ValidationError(f"grammar is not valid: {error}")
+        return valid
 
-    def finish(self, inputs: str, ids: list[int], p: GenerateParameters, return_full_text_default: bool) -> ValidRequest:
+    def finish(self, inputs: str, ids: list[int], p: GenerateParameters, return_full_text_default: bool,
+               grammar: GrammarSpec | None = None) -> ValidRequest:
         """Length checks on the tokenized prompt, then the engine's parameter sets."""
         cfg = self.cfg
         if p.truncate is not None:
@@ -118,18 +160,27 @@ class Validator:
         if not ids:
             raise ValidationError("`inputs` cannot be empty")
         # the engine samples when asked to, or when any warper is active (TGI's shard rule)
-        do_sample = p.do_sample or (p.temperature not in (None, 1.0)) or p.top_k is not None or p.top_p is not None
+        do_sample = (p.do_sample or p.temperature not in (None, 1.0) or p.top_k is not None
+                     or p.top_p is not None or p.typical_p is not None)
         seed = (p.seed if p.seed is not None else secrets.randbits(64)) if do_sample else None
+        best_of = p.best_of or 1
         sampling = SamplingParams(
             do_sample=do_sample, temperature=p.temperature or 1.0, top_k=p.top_k or 0,
-            top_p=p.top_p or 1.0, seed=seed or 0,
+            top_p=p.top_p or 1.0, typical_p=p.typical_p or 1.0,
+            repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
+            frequency_penalty=p.frequency_penalty or 0.0, watermark=p.watermark, grammar=grammar,
+            seed=seed or 0, top_n_tokens=p.top_n_tokens or 0, prompt_logprobs=p.decoder_input_details,
         )
         stopping = StoppingParams(
             max_new_tokens=max_new, stop_token_ids=self.tokenizer.eos_token_ids,
             ignore_eos=p.ignore_eos_token, stop_sequences=tuple(p.stop),
         )
         full_text = p.return_full_text if p.return_full_text is not None else return_full_text_default
-        return ValidRequest(inputs, ids, sampling, stopping, p.details, full_text, seed)
+        return ValidRequest(
+            inputs, ids, sampling, stopping, p.details or p.decoder_input_details, full_text, seed,
+            decoder_input_details=p.decoder_input_details, best_of=best_of,
+            sibling_seeds=tuple(secrets.randbits(64) for _ in range(best_of - 1)),
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

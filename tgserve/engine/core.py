@@ -21,9 +21,9 @@ from tgserve.engine.runner import ModelRunner, plan_num_blocks
 from tgserve.engine.scheduler import Scheduler
 from tgserve.params import SamplingParams, StoppingParams
 from tgserve.process import become_child
-from tgserve.sampling.sampler import SampledTokens
-from tgserve.protocol import (Abort, AddRequest, EngineFailed, Ready, Shutdown, StepOutputs, ToApi, ToEngine,
-                              decode_to_engine, encode, to_api_address, to_engine_address)
+from tgserve.sampling.sampler import SampledTokens, Sampler
+from tgserve.protocol import (Abort, AddRequest, EngineFailed, Ready, SeqOutput, Shutdown, StepOutputs, ToApi,
+                              ToEngine, decode_to_engine, encode, to_api_address, to_engine_address)
 from tgserve.weights.loader import load_model
 
 log = logging.getLogger("tgserve.engine")
@@ -64,9 +64,18 @@ class EngineCore:
     def __init__(self, scheduler: Scheduler, runner: ModelRunner):
         self.scheduler, self.runner = scheduler, runner
         self.stopping = False
+        self.refused: list[SeqOutput] = []  # requests failed on arrival, sent with the next outputs
 
     def handle(self, message: ToEngine) -> None:
         if isinstance(message, AddRequest):
+            try:
+                self.runner.admit(message.request_id, message.sampling, message.generated_ids)
+            except Exception as e:  # e.g. a grammar this engine cannot build: fail the request alone
+                log.exception("request %s refused", message.request_id)
+                error = f"{type(e).__name__}: {e}"
+                self.refused.extend(SeqOutput(r, error=error) for r in
+                                    [message.request_id, *(s.request_id for s in message.siblings)])
+                return
             self.scheduler.add(message)
         elif isinstance(message, Abort):
             self.scheduler.abort(message.request_ids)
@@ -82,6 +91,8 @@ class EngineCore:
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("step failed; failing its %d requests", len(plan.scheduled))
             outputs = self.scheduler.fail(plan, f"{type(e).__name__}: {e}")
+        self.runner.release(self.scheduler.pop_finished())
+        outputs, self.refused = self.refused + outputs, []
         return StepOutputs(outputs, self.scheduler.stats(plan.num_batched_tokens, time.perf_counter() - start))
 
     def run(self, channel: EngineChannel) -> None:
@@ -97,7 +108,9 @@ class EngineCore:
                 if not stalled or messages:
                     channel.send(outputs)
             elif messages:  # e.g. aborts freed blocks: let the API's gauges see it
-                channel.send(StepOutputs([], self.scheduler.stats()))
+                self.runner.release(self.scheduler.pop_finished())
+                outputs, self.refused = self.refused, []
+                channel.send(StepOutputs(outputs, self.scheduler.stats()))
 
     def warmup(self) -> None:
         """One short request through the real path, so the first user does not pay for first use."""
@@ -123,7 +136,10 @@ def create_engine(config: Config) -> tuple[EngineCore, Ready]:
     if (num_blocks - 1) * block_size < max_total:
         raise ValueError(f"the KV cache holds {(num_blocks - 1) * block_size} tokens, "
                          f"fewer than max_total_tokens ({max_total})")
-    runner = ModelRunner(model, num_blocks, block_size, dtype, device)
+    sampler = Sampler(hf_config.vocab_size, device, grammar=_grammar_backend(config.model.path, hf_config.vocab_size),
+                      watermark_gamma=config.sampling.watermark_gamma,
+                      watermark_delta=config.sampling.watermark_delta)
+    runner = ModelRunner(model, num_blocks, block_size, dtype, device, sampler)
     scheduler = Scheduler(config.scheduler, KVCacheManager(num_blocks, block_size),
                           hf_config.max_position_embeddings)
     core = EngineCore(scheduler, runner)
@@ -131,6 +147,20 @@ def create_engine(config: Config) -> tuple[EngineCore, Ready]:
     ready = Ready(num_blocks=num_blocks - 1, block_size=block_size,
                   max_batch_total_tokens=(num_blocks - 1) * block_size, dtype=dtype_name, device=device.type)
     return core, ready
+
+
+def _grammar_backend(folder: str, vocab_size: int):
+    """llguidance over the model's tokenizer.json; None (grammars refused) when there is none."""
+    from tgserve.grammars import load_tokenizer
+    from tgserve.sampling.grammar import LLGuidanceBackend
+    from tgserve.weights.locate import generation_eos_ids
+
+    eos = sorted(generation_eos_ids(folder))
+    tokenizer = load_tokenizer(folder, vocab_size, eos)
+    if tokenizer is None:
+        log.warning("no tokenizer.json in %s: requests with a grammar will be refused", folder)
+        return None
+    return LLGuidanceBackend(tokenizer, vocab_size, eos or [tokenizer.eos_token])
 
 
 def engine_main(config: Config) -> None:

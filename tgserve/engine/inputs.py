@@ -21,6 +21,7 @@ class BatchInputs:
     positions: torch.Tensor  # [num_tokens]
     attn: AttentionInputs
     sample_indices: torch.Tensor  # [num_sampling] flat index of each sampling row's last token, plan order
+    starts: list[int]  # flat index of the first token of each scheduled sequence, plan order
 
 
 def _slots(block_ids: list[int], start: int, stop: int, block_size: int) -> np.ndarray:
@@ -39,6 +40,7 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Batch
         [s.seq.block_ids[s.seq.num_computed_tokens // block_size] * block_size
          + s.seq.num_computed_tokens % block_size for s in decodes], dtype=np.int64)]
     last_index: dict[int, int] = {id(s): i for i, s in enumerate(decodes)}
+    first_index: dict[int, int] = dict(last_index)
 
     chunks: list[PrefillChunk] = []
     start = num_decode
@@ -48,10 +50,12 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Batch
         positions.append(np.arange(c, c + n, dtype=np.int64))
         slots.append(_slots(seq.block_ids, c, c + n, block_size))
         chunks.append(_chunk(seq.block_ids, start, n, c, block_size, device))
+        first_index[id(s)] = start
         start += n
         last_index[id(s)] = start - 1
 
-    sample_indices = [last_index[id(s)] for s in plan.scheduled if s.samples]
+    # a sequence's new forks sample from its row too
+    sample_indices = [last_index[id(s)] for s in plan.scheduled if s.samples for _ in range(1 + len(s.forks))]
     table, lens, mask = _decode_table(decodes, block_size, device) if decodes else (None, None, None)
     return BatchInputs(
         input_ids=torch.tensor(ids, dtype=torch.long, device=device),
@@ -65,6 +69,7 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Batch
             prefills=tuple(chunks),
         ),
         sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=device),
+        starts=[first_index[id(s)] for s in plan.scheduled],
     )
 
 

