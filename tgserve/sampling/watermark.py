@@ -53,14 +53,22 @@ def bias(scores: torch.Tensor, previous: torch.Tensor, gamma: float, delta: floa
     return scores + mask.to(scores.dtype) * delta
 
 
+def green_count(token_ids: Sequence[int], previous: int, gamma: float = DEFAULT_GAMMA) -> int:
+    """How many of `token_ids` are green; `previous` is the token before the first one."""
+    if not token_ids:
+        return 0
+    tokens = torch.tensor(list(token_ids), dtype=torch.long)
+    before = torch.cat([torch.tensor([previous], dtype=torch.long), tokens[:-1]])
+    return int(green(before, tokens, gamma).sum())
+
+
+def z_score_of(green_tokens: int, total: int, gamma: float = DEFAULT_GAMMA) -> float:
+    """Standard deviations by which `green_tokens` of `total` exceed chance (gamma × total)."""
+    return (green_tokens - gamma * total) / math.sqrt(total * gamma * (1 - gamma)) if total else 0.0
+
+
 def z_score(token_ids: Sequence[int], previous: int, gamma: float = DEFAULT_GAMMA) -> float:
     """Detector: how far the count of green tokens in `token_ids` is above chance, in standard
     deviations. `previous` is the token before the first one (the prompt's last). Under the null
     hypothesis (text written without the watermark) the z-score is about standard normal."""
-    if not token_ids:
-        return 0.0
-    tokens = torch.tensor(list(token_ids), dtype=torch.long)
-    before = torch.cat([torch.tensor([previous], dtype=torch.long), tokens[:-1]])
-    hits = int(green(before, tokens, gamma).sum())
-    n = len(tokens)
-    return (hits - gamma * n) / math.sqrt(n * gamma * (1 - gamma))
+    return z_score_of(green_count(token_ids, previous, gamma), len(token_ids), gamma)
