@@ -12,6 +12,7 @@ import json
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import aiohttp
 
@@ -42,6 +43,8 @@ class RequestResult:
     latency: float
     tokens: int
     error: str | None = None
+    client: int = 0  # which of the concurrent clients sent it
+    text: str = ""  # the final generated_text
 
 
 @dataclass
@@ -50,12 +53,15 @@ class LoadResult:
     wall: float
     results: list[RequestResult] = field(default_factory=list)
 
-    def summary(self) -> dict:
-        ok = [r for r in self.results if r.error is None]
+    def summary(self, clients: Callable[[int], bool] | None = None) -> dict:
+        """Figures over every request, or over those of the clients `clients` selects (their
+        tokens over the whole run's wall time)."""
+        chosen = [r for r in self.results if clients is None or clients(r.client)]
+        ok = [r for r in chosen if r.error is None]
         tokens = sum(r.tokens for r in ok)
         itls = [x for r in ok for x in r.itls]
         return {
-            "concurrency": self.concurrency, "requests": len(ok), "errors": len(self.results) - len(ok),
+            "concurrency": self.concurrency, "requests": len(ok), "errors": len(chosen) - len(ok),
             "output_tok_s": tokens / self.wall, "rps": len(ok) / self.wall,
             "ttft_p50": _pct([r.ttft for r in ok], 50), "ttft_p90": _pct([r.ttft for r in ok], 90),
             "itl_p50": _pct(itls, 50), "itl_p90": _pct(itls, 90), "itl_p99": _pct(itls, 99),
@@ -71,11 +77,14 @@ def _pct(values: list[float], p: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, int(p) - 1))]
 
 
-async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_new_tokens: int) -> RequestResult:
-    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "ignore_eos_token": True}}
+async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_new_tokens: int,
+               extra: dict | None = None) -> RequestResult:
+    parameters = {"max_new_tokens": max_new_tokens, "ignore_eos_token": True, **(extra or {})}
+    body = {"inputs": prompt, "parameters": parameters}
     start = time.perf_counter()
     stamps: list[float] = []
     error = None
+    text = ""
     async with session.post(url + "/generate_stream", json=body) as response:
         async for raw in response.content:
             line = raw.decode().strip()
@@ -86,27 +95,35 @@ async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_new_to
                 error = payload["error"]
                 break
             stamps.append(time.perf_counter())
+            text = payload.get("generated_text") or ""
     if not stamps:
         return RequestResult(0.0, [], time.perf_counter() - start, 0, error or "no tokens")
     itls = [b - a for a, b in zip(stamps, stamps[1:])]
-    return RequestResult(stamps[0] - start, itls, stamps[-1] - start, len(stamps), error)
+    return RequestResult(stamps[0] - start, itls, stamps[-1] - start, len(stamps), error, text=text)
 
 
-async def run_load(url: str, prompts: list[str], concurrency: int, num_requests: int,
-                   max_new_tokens: int) -> LoadResult:
-    queue: asyncio.Queue[str] = asyncio.Queue()
+async def run_load(url: str, prompts: list[str], concurrency: int, num_requests: int, max_new_tokens: int,
+                   parameters: Callable[[int, int], dict] | None = None,
+                   client_prompts: Callable[[int], list[str]] | None = None) -> LoadResult:
+    """`parameters(client, n)`: extra request parameters of client's n-th request (default: greedy);
+    `client_prompts(client)`: the prompts a client draws from instead of `prompts`."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(num_requests):
-        queue.put_nowait(prompts[i % len(prompts)])
+        queue.put_nowait(i)
     result = LoadResult(concurrency, 0.0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        async def client() -> None:
+        async def client(index: int) -> None:
+            own = client_prompts(index) if client_prompts else prompts
             while not queue.empty():
-                prompt = queue.get_nowait()
-                result.results.append(await _one(session, url, prompt, max_new_tokens))
+                n = queue.get_nowait()
+                extra = parameters(index, n) if parameters else None
+                r = await _one(session, url, own[n % len(own)], max_new_tokens, extra)
+                r.client = index
+                result.results.append(r)
 
         start = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
         result.wall = time.perf_counter() - start
     return result

@@ -163,7 +163,7 @@ def test_penalties_match_transformers_and_the_direct_frequency_formula():
     rep = torch.tensor([1.0, 1.5, 0.7, 1.2])
     freq = torch.tensor([0.0, 0.0, 1.0, -0.5])
     lengths = torch.tensor([float(len(h)) for h in history])
-    ours = processors.penalties(logits, counts_of(history), rep, freq, lengths)
+    ours = processors.penalties(logits.clone(), counts_of(history), rep, freq, lengths)
     for i in range(4):
         ref = logits[i:i + 1].clone()
         if rep[i] != 1.0:
@@ -247,3 +247,39 @@ def test_token_counts_follow_histories_and_reuse_rows():
     fresh = counts.rows(["d"], [[1, 1, 2]])
     assert fresh.tolist() == [int(rows[1])]  # b's row, refilled for d
     assert counts.table[fresh[0], 1] == 2 and counts.table[fresh[0]].sum() == 3
+
+
+def test_top_k_ties_past_the_candidate_width_are_all_kept_like_transformers():
+    """300 tokens tied at the k-th score: the row leaves the 256-candidate path and keeps them all."""
+    row = torch.full((1, 400), -5.0)
+    row[0, 50:350] = 1.0
+    params = SamplingParams(do_sample=True, top_k=5, seed=1)
+    kept = torch.isfinite(TopKLogitsWarper(5)(None, row.clone())[0])
+    assert int(kept.sum()) == 300
+    n = 4000
+    out = sample(row.expand(n, -1).contiguous(),
+                 SamplingTensors.build([params] * n, list(range(n)), CPU, [0] * n))
+    drawn = set(out.token_ids)
+    assert drawn <= set(range(50, 350)) and len(drawn) > 256
+
+
+def test_small_top_k_rows_and_whole_vocabulary_rows_agree_with_the_reference_side_by_side():
+    logits = random_logits(4, vocab=2000, seed=21)
+    params = [SamplingParams(do_sample=True, top_k=30, top_p=0.8, seed=1, top_n_tokens=3),
+              SamplingParams(do_sample=True, top_k=1000, top_p=0.8, seed=1, top_n_tokens=3),
+              SamplingParams(do_sample=True, top_p=0.8, seed=1, top_n_tokens=3),
+              SamplingParams(do_sample=True, top_k=256, typical_p=0.7, seed=2, top_n_tokens=3)]
+    t = SamplingTensors.build(params, [7] * 4, CPU, [0] * 4)
+    assert [(w, r.tolist()) for w, r in t.candidate_rows] == [(64, [0]), (256, [3])]
+    assert t.vocab_rows.tolist() == [1, 2]
+    out = sample(logits.clone(), t)
+    for i, p in enumerate(params):
+        ref = TopKLogitsWarper(p.top_k)(None, logits[i:i + 1].clone()) if p.top_k else logits[i:i + 1].clone()
+        if p.top_p < 1:
+            ref = TopPLogitsWarper(p.top_p)(None, ref)
+        if p.typical_p < 1:
+            ref = TypicalLogitsWarper(p.typical_p)(None, ref)
+        ref = ref[0].log_softmax(-1)
+        assert out.logprobs[i] == pytest.approx(float(ref[out.token_ids[i]]), abs=1e-4)
+        best = ref.topk(3)
+        assert out.top_ids[i] == best.indices[torch.isfinite(best.values)].tolist()

@@ -12,6 +12,7 @@ counts for penalties, grammar matchers) keyed by sequence.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -51,10 +52,22 @@ def _on_rows(scores: torch.Tensor, rows: torch.Tensor, fn: Callable[[torch.Tenso
     return scores.index_copy(0, rows, fn(scores.index_select(0, rows)))
 
 
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    """What a group of rows chose: tokens and their logprobs, and the final log-softmax the
+    top-n alternatives come from (over `ids`, or over the vocabulary when `ids` is None)."""
+
+    tokens: torch.Tensor  # [m]
+    logprobs: torch.Tensor  # [m]
+    final: torch.Tensor | None  # [m, width], only when a row of the group wants top-n
+    ids: torch.Tensor | None  # [m, width] token id of each column
+
+
 def sample(logits: torch.Tensor, t: SamplingTensors, counts: torch.Tensor | None = None,
            grammar: GrammarMask | None = None, watermark_gamma: float = watermark.DEFAULT_GAMMA,
            watermark_delta: float = watermark.DEFAULT_DELTA) -> SampledTokens:
-    """logits: [rows, vocab] float32. counts: [penalised rows, vocab] token occurrences."""
+    """logits: [rows, vocab] float32, owned by the call (processors may write into it).
+    counts: [penalised rows, vocab] token occurrences."""
     scores = logits
     if t.watermark_rows is not None:
         scores = _on_rows(scores, t.watermark_rows,
@@ -65,37 +78,117 @@ def sample(logits: torch.Tensor, t: SamplingTensors, counts: torch.Tensor | None
     if grammar is not None:
         scores = _on_rows(scores, grammar.rows, grammar.apply)
 
-    tokens = scores.argmax(dim=-1)
-    log_z = torch.logsumexp(scores, dim=-1)
-    logprobs = scores.gather(1, tokens[:, None]).squeeze(1) - log_z
-    final, final_log_z = scores, log_z
-    if t.sample_rows is not None:
-        warped = _warp(scores.index_select(0, t.sample_rows), t)
-        picked, picked_log_z = _pick(warped, t.uniform)
-        tokens = tokens.index_copy(0, t.sample_rows, picked)
-        logprobs = logprobs.index_copy(0, t.sample_rows, warped.gather(1, picked[:, None]).squeeze(1) - picked_log_z)
-        if t.top_n_rows is not None:
-            final = scores.index_copy(0, t.sample_rows, warped)
-            final_log_z = log_z.index_copy(0, t.sample_rows, picked_log_z)
-    top_ids = top_logprobs = None
+    tokens = torch.zeros(t.num_rows, dtype=torch.long, device=scores.device)
+    logprobs = torch.zeros(t.num_rows, dtype=torch.float32, device=scores.device)
+    top_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
     if t.top_n_rows is not None:
-        top_ids, top_logprobs = _top_n(final, final_log_z, t)
+        top_ids, top_logprobs = [[] for _ in range(t.num_rows)], [[] for _ in range(t.num_rows)]
+    groups = [(t.greedy_rows, _greedy), (t.vocab_rows, _sample_vocab),
+              *((rows, functools.partial(_sample_candidates, width=w)) for w, rows in t.candidate_rows)]
+    for rows, choose in groups:
+        if rows is None:
+            continue
+        whole = rows.numel() == t.num_rows
+        sub = scores if whole else scores.index_select(0, rows)
+        top_n = t.top_n if whole else t.top_n.index_select(0, rows)
+        choice = choose(sub, t, rows, bool((top_n > 0).any()))
+        tokens.index_copy_(0, rows, choice.tokens)
+        logprobs.index_copy_(0, rows, choice.logprobs)
+        if choice.final is not None:
+            _top_n(choice, top_n, rows.tolist(), top_ids, top_logprobs)
     return SampledTokens(tokens.tolist(), logprobs.tolist(), top_ids, top_logprobs)
 
 
-def _warp(scores: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    scores = processors.temperature(scores, t.temperature)
-    if t.top_k_rows is not None:
-        scores = _on_rows(scores, t.top_k_rows, lambda s: processors.top_k(s, t.top_k))
-    if t.top_p_rows is not None:
-        scores = _on_rows(scores, t.top_p_rows, lambda s: processors.top_p(s, t.top_p))
-    if t.typical_rows is not None:
-        scores = _on_rows(scores, t.typical_rows, lambda s: processors.typical_p(s, t.typical_p))
+def _greedy(scores: torch.Tensor, t: SamplingTensors, rows: torch.Tensor, want_final: bool) -> _Choice:
+    tokens = scores.argmax(dim=-1)
+    log_z = torch.logsumexp(scores, dim=-1)
+    chosen = scores.gather(1, tokens[:, None]).squeeze(1) - log_z
+    return _Choice(tokens, chosen, scores - log_z[:, None] if want_final else None, None)
+
+
+def _sample_vocab(scores: torch.Tensor, t: SamplingTensors, rows: torch.Tensor, want_final: bool) -> _Choice:
+    warped = _warp(scores, _columns(t, rows))
+    position, log_z = _pick(warped, t.uniform.index_select(0, rows))
+    chosen = warped.gather(1, position[:, None]).squeeze(1) - log_z
+    return _Choice(position, chosen, warped - log_z[:, None] if want_final else None, None)
+
+
+def _sample_candidates(scores: torch.Tensor, t: SamplingTensors, rows: torch.Tensor, want_final: bool,
+                       width: int) -> _Choice:
+    """Rows with a small top_k: only their `width` best tokens can survive top-k, so the warpers
+    and the pick run on those (in vocabulary order), the same computation as over the whole
+    vocabulary with every other token at -inf."""
+    width = min(width, scores.shape[1])
+    values, ids = scores.topk(width, dim=-1)  # descending
+    if width < scores.shape[1]:
+        # a k-th score tied past the candidates would keep more tokens than they hold: such a row
+        # (its own values decide, never its neighbours') takes the whole-vocabulary path
+        kth = values.gather(1, (t.top_k.index_select(0, rows) - 1)[:, None])
+        spill = values[:, -1:] >= kth
+        if bool(spill.any()):
+            return _split(scores, t, rows, spill.squeeze(1), want_final, width)
+    ids, order = ids.sort(dim=-1)  # vocabulary order, as the pick walks it
+    values = values.gather(1, order)
+    warped = _warp(values, _columns(t, rows))
+    position, log_z = _pick(warped, t.uniform.index_select(0, rows))
+    chosen = warped.gather(1, position[:, None]).squeeze(1) - log_z
+    tokens = ids.gather(1, position[:, None]).squeeze(1)
+    return _Choice(tokens, chosen, warped - log_z[:, None] if want_final else None, ids)
+
+
+def _split(scores, t, rows, spill, want_final, width) -> _Choice:
+    """Candidate rows of which some spill: those go over the vocabulary, the rest stay."""
+    parts = []
+    for mask, choose in ((spill, _sample_vocab), (~spill, functools.partial(_sample_candidates, width=width))):
+        picked = mask.nonzero().squeeze(1)
+        if picked.numel():
+            parts.append((picked, choose(scores.index_select(0, picked), t, rows.index_select(0, picked), want_final)))
+    tokens = torch.empty(len(rows), dtype=torch.long, device=scores.device)
+    logprobs = torch.empty(len(rows), dtype=torch.float32, device=scores.device)
+    final = ids = None
+    if want_final:
+        final = torch.full((len(rows), scores.shape[1]), float("-inf"), device=scores.device)
+        ids = torch.arange(scores.shape[1], device=scores.device).expand(len(rows), -1).clone()
+    for picked, choice in parts:
+        tokens[picked], logprobs[picked] = choice.tokens, choice.logprobs
+        if want_final:
+            width = choice.final.shape[1]
+            final[picked, :width] = choice.final
+            if choice.ids is not None:
+                ids[picked, :width] = choice.ids
+                final[picked, width:] = float("-inf")
+    return _Choice(tokens, logprobs, final, ids)
+
+
+@dataclass(frozen=True, slots=True)
+class _Columns:
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    typical_p: torch.Tensor
+
+
+def _columns(t: SamplingTensors, rows: torch.Tensor) -> _Columns:
+    return _Columns(t.temperature.index_select(0, rows), t.top_k.index_select(0, rows),
+                    t.top_p.index_select(0, rows), t.typical_p.index_select(0, rows))
+
+
+def _warp(scores: torch.Tensor, c: _Columns) -> torch.Tensor:
+    """temperature → top-k → top-p → typical-p, each over the rows that use it."""
+    scores = processors.temperature(scores, c.temperature)
+    for values, used, fn in ((c.top_k, c.top_k > 0, processors.top_k), (c.top_p, c.top_p < 1.0, processors.top_p),
+                             (c.typical_p, c.typical_p < 1.0, processors.typical_p)):
+        if bool(used.all()):
+            scores = fn(scores, values)
+        elif bool(used.any()):
+            rows = used.nonzero().squeeze(1)
+            scores = _on_rows(scores, rows, lambda s: fn(s, values.index_select(0, rows)))
     return scores
 
 
 def _pick(scores: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse CDF in vocabulary order: the token where the cumulative mass passes u × total."""
+    """Inverse CDF in column order: the column where the cumulative mass passes u × total."""
     log_z = torch.logsumexp(scores, dim=-1)
     cdf = (scores - log_z[:, None]).exp().cumsum(dim=-1)
     total = cdf[:, -1:]
@@ -104,22 +197,22 @@ def _pick(scores: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, to
     return torch.searchsorted(cdf, target.contiguous(), right=True).squeeze(1), log_z
 
 
-def _top_n(scores: torch.Tensor, log_z: torch.Tensor, t: SamplingTensors) -> tuple[list[list[int]], list[list[float]]]:
+def _top_n(choice: _Choice, top_n: torch.Tensor, rows: list[int], top_ids: list[list[int]],
+           top_logprobs: list[list[float]]) -> None:
     """The n best tokens of each asking row by final logprob; every token tied with the n-th is
     included too (as TGI does), tokens with no mass never."""
-    rows = t.top_n_rows
-    logprobs = scores.index_select(0, rows) - log_z.index_select(0, rows)[:, None]
-    best = logprobs.topk(int(t.top_n.max()), dim=-1).values
-    nth = best.gather(1, (t.top_n - 1)[:, None])
+    asking = (top_n > 0).nonzero().squeeze(1)
+    logprobs = choice.final.index_select(0, asking)
+    n = top_n.index_select(0, asking)
+    best = logprobs.topk(int(n.max()), dim=-1).values
+    nth = best.gather(1, (n - 1)[:, None])
     nth = torch.where(torch.isfinite(nth), nth, torch.finfo(nth.dtype).min)
     counts = (logprobs >= nth).sum(dim=-1)
-    values, ids = logprobs.topk(int(counts.max()), dim=-1)
+    values, columns = logprobs.topk(int(counts.max()), dim=-1)
+    ids = columns if choice.ids is None else choice.ids.index_select(0, asking).gather(1, columns)
     counts, values, ids = counts.tolist(), values.tolist(), ids.tolist()
-    top_ids: list[list[int]] = [[] for _ in range(t.num_rows)]
-    top_logprobs: list[list[float]] = [[] for _ in range(t.num_rows)]
-    for j, row in enumerate(rows.tolist()):  # list slicing of the few results, not tensor work
-        top_ids[row], top_logprobs[row] = ids[j][:counts[j]], values[j][:counts[j]]
-    return top_ids, top_logprobs
+    for j, row in enumerate(asking.tolist()):  # list slicing of the few results, not tensor work
+        top_ids[rows[row]], top_logprobs[rows[row]] = ids[j][:counts[j]], values[j][:counts[j]]
 
 
 class SequenceView(Protocol):

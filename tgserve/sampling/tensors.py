@@ -2,8 +2,10 @@
 
 Randomness is counter-based: a sampled row's uniform draw is a hash of (seed, position), so a seed
 gives the same tokens whatever else is in the batch, and a resumed sequence continues the same
-stream. Each processor gets the indices of the rows that use it (None when no row does), so rows
-that do not use it are never touched.
+stream. Columns span all rows (with each feature's identity value where a row does not use it);
+each processor and each way of choosing gets the indices of its rows (None when there are none),
+so rows that do not use it are never touched. Which group a row lands in depends on its own
+parameters only, never on its neighbours.
 """
 
 from __future__ import annotations
@@ -14,6 +16,17 @@ import numpy as np
 import torch
 
 from tgserve.params import SamplingParams
+
+# Sampled rows with top_k at most 256 choose among their best 64 or 256 tokens only (a [rows, 64]
+# problem instead of [rows, vocab]); the others go through the whole vocabulary. The width follows
+# from the row's own top_k, so a row computes the same thing whatever shares its step.
+CANDIDATE_WIDTHS = (64, 256)
+
+
+def candidate_width(p: SamplingParams) -> int | None:
+    if p.do_sample and p.top_k > 0:
+        return next((w for w in CANDIDATE_WIDTHS if p.top_k <= w), None)
+    return None
 
 
 def uniform_from(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -27,81 +40,74 @@ def uniform_from(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
-def _rows(flags: list[bool], device: torch.device) -> torch.Tensor | None:
-    """Indices of the rows whose flag is set; None when there are none."""
-    picked = [i for i, f in enumerate(flags) if f]
-    return torch.tensor(picked, dtype=torch.long, device=device) if picked else None
-
-
 @dataclass(frozen=True, slots=True)
 class SamplingTensors:
-    """Columns over all rows ([rows]) or over the rows of one feature ([n] beside its `*_rows`)."""
+    """Columns over all rows ([rows]); `*_rows` are sorted row indices, None when empty."""
 
     num_rows: int
-    # rows that sample (the warpers only ever see these rows)
-    sample_rows: torch.Tensor | None
-    temperature: torch.Tensor | None  # [n sampled]
-    uniform: torch.Tensor | None  # [n sampled] float64 draw
-    top_k_rows: torch.Tensor | None  # positions within the sampled rows
-    top_k: torch.Tensor | None
-    top_p_rows: torch.Tensor | None
-    top_p: torch.Tensor | None
-    typical_rows: torch.Tensor | None
-    typical_p: torch.Tensor | None
-    # processors every row may use (greedy or sampled): positions within all rows
+    temperature: torch.Tensor  # float32, 1.0 = off
+    top_k: torch.Tensor  # int64, 0 = off
+    top_p: torch.Tensor  # float32, 1.0 = off
+    typical_p: torch.Tensor  # float32, 1.0 = off
+    uniform: torch.Tensor  # float64 draw (0 for greedy rows)
+    top_n: torch.Tensor  # int64, 0 = off
+    # how each row chooses
+    greedy_rows: torch.Tensor | None
+    candidate_rows: tuple[tuple[int, torch.Tensor], ...]  # (width, rows): sampled among the best `width`
+    vocab_rows: torch.Tensor | None  # sampled over the whole vocabulary
+    # processors every row may use (greedy or sampled), with their columns over those rows
     penalty_rows: torch.Tensor | None
     repetition_penalty: torch.Tensor | None
     frequency_penalty: torch.Tensor | None
-    lengths: torch.Tensor | None  # [n penalised] tokens so far (frequency is count / length)
+    lengths: torch.Tensor | None  # tokens so far (frequency is count / length)
     watermark_rows: torch.Tensor | None
-    previous_tokens: torch.Tensor | None  # [n watermarked] the token before the one being chosen
+    previous_tokens: torch.Tensor | None  # the token before the one being chosen
     top_n_rows: torch.Tensor | None
-    top_n: torch.Tensor | None
-    # what the sampler may skip
-    max_top_k: int
 
     @property
     def any_sample(self) -> bool:
-        return self.sample_rows is not None
+        return bool(self.candidate_rows) or self.vocab_rows is not None
 
     @classmethod
     def build(cls, params: list[SamplingParams], positions: list[int], device: torch.device,
               last_tokens: list[int] | None = None) -> "SamplingTensors":
         """`positions[i]`: index of the token row i is about to produce (its sequence length);
         `last_tokens[i]`: the token before it (needed by watermarked rows)."""
-        sampled = [p for p in params if p.do_sample]
-        seeds = np.array([p.seed for p in sampled], dtype=np.uint64)
-        pos = np.array([n for p, n in zip(params, positions) if p.do_sample], dtype=np.uint64)
+
+        def rows(picked: list[int]) -> torch.Tensor | None:
+            return torch.tensor(picked, dtype=torch.long, device=device) if picked else None
+
+        def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        sampled = [i for i, p in enumerate(params) if p.do_sample]
+        seeds = np.array([params[i].seed for i in sampled], dtype=np.uint64)
+        uniform = np.zeros(len(params))
+        uniform[sampled] = uniform_from(seeds, np.array([positions[i] for i in sampled], dtype=np.uint64))
+        widths = [candidate_width(p) for p in params]
         penalised = [i for i, p in enumerate(params) if p.uses_penalty]
         watermarked = [i for i, p in enumerate(params) if p.watermark]
-        top_n = [p.top_n_tokens for p in params if p.top_n_tokens > 0]
-
-        def column(values: list, dtype: torch.dtype) -> torch.Tensor | None:
-            return torch.tensor(values, dtype=dtype, device=device) if values else None
-
-        top_k = [p.top_k for p in sampled if p.top_k > 0]
-        top_p = [p.top_p for p in sampled if p.top_p < 1.0]
-        typical = [p.typical_p for p in sampled if p.typical_p < 1.0]
         if watermarked and last_tokens is None:
             raise ValueError("watermarked rows need the previous token of each row")
         return cls(
             num_rows=len(params),
-            sample_rows=_rows([p.do_sample for p in params], device),
-            temperature=column([p.temperature for p in sampled], torch.float32),
-            uniform=torch.from_numpy(uniform_from(seeds, pos)).to(device) if sampled else None,
-            top_k_rows=_rows([p.top_k > 0 for p in sampled], device),
-            top_k=column(top_k, torch.long),
-            top_p_rows=_rows([p.top_p < 1.0 for p in sampled], device),
-            top_p=column(top_p, torch.float32),
-            typical_rows=_rows([p.typical_p < 1.0 for p in sampled], device),
-            typical_p=column(typical, torch.float32),
-            penalty_rows=column(penalised, torch.long),
-            repetition_penalty=column([params[i].repetition_penalty for i in penalised], torch.float32),
-            frequency_penalty=column([params[i].frequency_penalty for i in penalised], torch.float32),
-            lengths=column([positions[i] for i in penalised], torch.float32),
-            watermark_rows=column(watermarked, torch.long),
+            temperature=column([p.temperature if p.do_sample else 1.0 for p in params], torch.float32),
+            top_k=column([p.top_k if p.do_sample else 0 for p in params], torch.long),
+            top_p=column([p.top_p if p.do_sample else 1.0 for p in params], torch.float32),
+            typical_p=column([p.typical_p if p.do_sample else 1.0 for p in params], torch.float32),
+            uniform=torch.from_numpy(uniform).to(device),
+            top_n=column([p.top_n_tokens for p in params], torch.long),
+            greedy_rows=rows([i for i, p in enumerate(params) if not p.do_sample]),
+            candidate_rows=tuple((w, rows(group)) for w, group in (
+                (w, [i for i in sampled if widths[i] == w]) for w in CANDIDATE_WIDTHS) if group),
+            vocab_rows=rows([i for i in sampled if widths[i] is None]),
+            penalty_rows=rows(penalised),
+            repetition_penalty=column([params[i].repetition_penalty for i in penalised], torch.float32)
+            if penalised else None,
+            frequency_penalty=column([params[i].frequency_penalty for i in penalised], torch.float32)
+            if penalised else None,
+            lengths=column([positions[i] for i in penalised], torch.float32) if penalised else None,
+            watermark_rows=rows(watermarked),
             previous_tokens=column([last_tokens[i] for i in watermarked], torch.long) if watermarked else None,
-            top_n_rows=_rows([p.top_n_tokens > 0 for p in params], device),
-            top_n=column(top_n, torch.long),
-            max_top_k=max(top_k, default=0),
+            top_n_rows=rows([i for i, p in enumerate(params) if p.top_n_tokens > 0]),
         )
