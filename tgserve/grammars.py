@@ -15,10 +15,13 @@ JSON schemas follow TGI (outlines) rather than the JSON Schema default: objects 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
 from tgserve.params import GrammarSpec
+
+log = logging.getLogger(__name__)
 
 JSON_OPTIONS = {"whitespace_flexible": False}
 
@@ -47,14 +50,19 @@ def to_llguidance(spec: GrammarSpec) -> str:
 
 def load_tokenizer(folder: str, vocab_size: int | None, eos_ids: list[int] | None):
     """llguidance's view of the model's tokenizer (from tokenizer.json; ~0.2 s), or None when the
-    model has no tokenizer.json (grammars are then unsupported)."""
+    model has no tokenizer.json or llguidance cannot read it (grammars are then unsupported)."""
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.exists(path):
+        log.warning("no tokenizer.json in %s: requests with a grammar will be refused", folder)
         return None
     from llguidance import LLTokenizer
 
-    # the EOS ids must be given: llguidance's guess from tokenizer.json can differ from the model's
-    return LLTokenizer(path, n_vocab=vocab_size, eos_token=list(eos_ids) if eos_ids else None)
+    try:
+        # the EOS ids must be given: llguidance's guess from tokenizer.json can differ from the model's
+        return LLTokenizer(path, n_vocab=vocab_size, eos_token=list(eos_ids) if eos_ids else None)
+    except Exception as e:  # e.g. a config whose EOS id lies outside the tokenizer's vocabulary
+        log.warning("llguidance cannot use %s (%s): requests with a grammar will be refused", path, e)
+        return None
 
 
 class GrammarChecker:

@@ -158,7 +158,6 @@ def _grammar_backend(folder: str, vocab_size: int):
     eos = sorted(generation_eos_ids(folder))
     tokenizer = load_tokenizer(folder, vocab_size, eos)
     if tokenizer is None:
-        log.warning("no tokenizer.json in %s: requests with a grammar will be refused", folder)
         return None
     return LLGuidanceBackend(tokenizer, vocab_size, eos or [tokenizer.eos_token])
 
