@@ -9,7 +9,7 @@ import pytest
 
 from tgserve.api.errors import ValidationError
 from tgserve.api.schemas_tgi import GenerateParameters
-from tgserve.api.validate import check_parameters
+from tgserve.api.validate import check_parameters, normalise_grammar
 from tgserve.config import ServerConfig
 
 CFG = ServerConfig(max_input_tokens=100, max_total_tokens=200)
@@ -33,16 +33,33 @@ BAD_PARAMETERS = [
     ({"best_of": 2}, "you must use sampling when `best_of` is > 1"),
     ({"best_of": 3, "do_sample": True}, "`best_of` must be > 0 and <= 2. Given: 3"),
     ({"best_of": 2, "do_sample": True, "seed": 1}, "`seed` must not be set when `best_of` > 1"),
-    ({"grammar": {"type": "json", "value": {"type": "object"}}},
-     "grammar is not valid: Grammar must have a 'properties' field"),
-    ({"grammar": {"type": "json", "value": "{not json"}},
-     "grammar is not valid: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
-    ({"grammar": {"type": "json", "value": 5}}, "grammar is not supported"),
-    ({"grammar": {"type": "json", "value": {"properties": {"a": {"type": "nosuchtype"}}}}},
-     "grammar is not valid: 'nosuchtype' is not valid under any of the given schemas"),
-    ({"grammar": {"type": "json", "value": {"properties": {"a": {"minLength": -1}}}}},
-     "grammar is not valid: -1 is less than the minimum of 0"),
 ]
+
+BAD_GRAMMARS = [
+    ({"type": "json", "value": {"type": "object"}}, "grammar is not valid: Grammar must have a 'properties' field"),
+    ({"type": "json", "value": "{not json"},
+     "grammar is not valid: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+    ({"type": "json", "value": 5}, "grammar is not supported"),
+    ({"type": "json", "value": {"properties": {"a": {"type": "nosuchtype"}}}},
+     "grammar is not valid: 'nosuchtype' is not valid under any of the given schemas"),
+    ({"type": "json", "value": {"properties": {"a": {"minLength": -1}}}},
+     "grammar is not valid: -1 is less than the minimum of 0"),
+    ({"type": "json_schema", "value": {"name": "x"}}, "grammar is not valid: `json_schema` needs a `schema` object"),
+]
+
+
+@pytest.mark.parametrize("grammar,message", BAD_GRAMMARS)
+def test_grammar_rules_give_tgi_messages(grammar, message):
+    with pytest.raises(ValidationError) as e:
+        normalise_grammar(GenerateParameters(grammar=grammar).grammar, CFG)
+    assert e.value.message == message
+
+
+def test_json_schema_grammars_are_normalised_to_one_kind():
+    for grammar in ({"type": "json", "value": {"properties": {}}}, {"type": "json_object", "value": '{"properties": {}}'},
+                    {"type": "json_schema", "value": {"name": "x", "schema": {"properties": {}}}}):
+        spec = normalise_grammar(GenerateParameters(grammar=grammar).grammar, CFG)
+        assert spec.kind == "json_schema" and json.loads(spec.value) == {"properties": {}}
 
 
 @pytest.mark.parametrize("params,message", BAD_PARAMETERS)
@@ -79,8 +96,8 @@ def test_best_of_is_refused_when_the_server_allows_only_one():
 
 def test_grammar_is_refused_when_support_is_disabled():
     with pytest.raises(ValidationError, match="^grammar is not supported$"):
-        check_parameters(GenerateParameters(grammar={"type": "regex", "value": "a+"}), "x", stream=False,
-                         cfg=ServerConfig(max_input_tokens=10, max_total_tokens=20, disable_grammar_support=True))
+        normalise_grammar(GenerateParameters(grammar={"type": "regex", "value": "a+"}).grammar,
+                          ServerConfig(max_input_tokens=10, max_total_tokens=20, disable_grammar_support=True))
 
 
 # ---- over HTTP ------------------------------------------------------------------------------------

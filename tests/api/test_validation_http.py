@@ -120,3 +120,10 @@ def test_truncate_lets_a_long_input_through(tight_server):
                    json={"inputs": LONG_INPUT, "parameters": {"max_new_tokens": 2, "truncate": 8, "details": True}})
     assert r.status_code == 200
     assert r.headers["x-prompt-tokens"] == "8"
+
+
+def test_lengths_are_checked_before_the_grammar_as_in_tgi(tiny_server):
+    r = httpx.post(tiny_server.url + "/generate", timeout=60, json={
+        "inputs": INPUTS, "parameters": {"max_new_tokens": 600, "grammar": {"type": "regex", "value": "(abc"}}})
+    assert r.status_code == 422
+    assert "`inputs` tokens + `max_new_tokens` must be <= 512" in r.json()["error"]

@@ -283,3 +283,14 @@ def test_small_top_k_rows_and_whole_vocabulary_rows_agree_with_the_reference_sid
         assert out.logprobs[i] == pytest.approx(float(ref[out.token_ids[i]]), abs=1e-4)
         best = ref.topk(3)
         assert out.top_ids[i] == best.indices[torch.isfinite(best.values)].tolist()
+
+
+def test_a_grammar_leaving_fewer_tokens_than_top_k_samples_only_allowed_tokens():
+    logits = random_logits(1, vocab=2000, seed=22)
+    allowed = torch.zeros(2000, dtype=torch.bool)
+    allowed[[3, 1500]] = True
+    mask = GrammarMask(torch.tensor([0]), lambda s: s.masked_fill(~allowed, float("-inf")))
+    params = [SamplingParams(do_sample=True, top_k=50, seed=s) for s in range(200)]
+    out = sample(logits.expand(200, -1).clone(), SamplingTensors.build(params, [5] * 200, CPU, [0] * 200),
+                 grammar=GrammarMask(torch.arange(200), mask.apply))
+    assert set(out.token_ids) == {3, 1500}

@@ -8,11 +8,14 @@ loop never waits on them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import msgspec
 
 from tgserve.api.errors import ValidationError
 from tgserve.api.schemas_tgi import GenerateParameters, Grammar
@@ -44,8 +47,9 @@ def samples(p: GenerateParameters) -> bool:
     return p.do_sample or any(x is not None for x in (p.temperature, p.top_k, p.top_p, p.typical_p))
 
 
-def check_parameters(p: GenerateParameters, inputs: str, stream: bool, cfg: ServerConfig) -> GrammarSpec | None:
-    """Everything that needs no tokenizer, in TGI's order. Returns the grammar, normalised."""
+def check_parameters(p: GenerateParameters, inputs: str, stream: bool, cfg: ServerConfig) -> None:
+    """Everything that needs no tokenizer, in TGI's order (the grammar comes last, after the
+    lengths: `Validator.validate`)."""
     best_of = p.best_of if p.best_of is not None else 1
     if stream and best_of != 1:  # stream routes check these two before anything else
         raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
@@ -87,7 +91,6 @@ def check_parameters(p: GenerateParameters, inputs: str, stream: bool, cfg: Serv
             f"`truncate` must be strictly positive and less than {cfg.max_input_tokens}. Given: {p.truncate}")
     if any(not s for s in p.stop):
         raise ValidationError("`stop` sequences cannot be empty")
-    return normalise_grammar(p.grammar, cfg) if p.grammar is not None else None
 
 
 def normalise_grammar(grammar: Grammar, cfg: ServerConfig) -> GrammarSpec:
@@ -132,20 +135,26 @@ class Validator:
                        return_full_text_default: bool = False) -> ValidRequest:
         # TGI: an omitted `parameters` object means sampling; a present-but-empty one means greedy
         p = params if params is not None else GenerateParameters(do_sample=True)
-        grammar = check_parameters(p, inputs, stream, self.cfg)
+        check_parameters(p, inputs, stream, self.cfg)
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(self._pool, self.tokenizer.encode, inputs)
-        valid = self.finish(inputs, ids, p, return_full_text_default, grammar)
-        if grammar is not None:
-            if self.grammar_check is None:  # the model has no tokenizer.json for llguidance
-                raise ValidationError("grammar is not supported")
-            error = await loop.run_in_executor(self._pool, self.grammar_check, grammar)
-            if error is not None:
-                raise ValidationError(f"grammar is not valid: {error}")
-        return valid
+        valid = self.finish(inputs, ids, p, return_full_text_default)
+        if p.grammar is None:
+            return valid
+        grammar = await loop.run_in_executor(self._pool, self.check_grammar, p.grammar)
+        return dataclasses.replace(valid, sampling=msgspec.structs.replace(valid.sampling, grammar=grammar))
 
-    def finish(self, inputs: str, ids: list[int], p: GenerateParameters, return_full_text_default: bool,
-               grammar: GrammarSpec | None = None) -> ValidRequest:
+    def check_grammar(self, grammar: Grammar) -> GrammarSpec:
+        """TGI's grammar rules, then whether llguidance can build it (on a worker thread)."""
+        spec = normalise_grammar(grammar, self.cfg)
+        if self.grammar_check is None:  # no tokenizer llguidance can use
+            raise ValidationError("grammar is not supported")
+        error = self.grammar_check(spec)
+        if error is not None:
+            raise ValidationError(f"grammar is not valid: {error}")
+        return spec
+
+    def finish(self, inputs: str, ids: list[int], p: GenerateParameters, return_full_text_default: bool) -> ValidRequest:
         """Length checks on the tokenized prompt, then the engine's parameter sets."""
         cfg = self.cfg
         if p.truncate is not None:
@@ -168,7 +177,7 @@ class Validator:
             do_sample=do_sample, temperature=p.temperature or 1.0, top_k=p.top_k or 0,
             top_p=p.top_p or 1.0, typical_p=p.typical_p or 1.0,
             repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
-            frequency_penalty=p.frequency_penalty or 0.0, watermark=p.watermark, grammar=grammar,
+            frequency_penalty=p.frequency_penalty or 0.0, watermark=p.watermark,
             seed=seed or 0, top_n_tokens=p.top_n_tokens or 0, prompt_logprobs=p.decoder_input_details,
         )
         stopping = StoppingParams(

@@ -125,7 +125,8 @@ def _sample_candidates(scores: torch.Tensor, t: SamplingTensors, rows: torch.Ten
         # a k-th score tied past the candidates would keep more tokens than they hold: such a row
         # (its own values decide, never its neighbours') takes the whole-vocabulary path
         kth = values.gather(1, (t.top_k.index_select(0, rows) - 1)[:, None])
-        spill = values[:, -1:] >= kth
+        # (a -inf k-th score means fewer than k tokens are left, e.g. by a grammar: all are in)
+        spill = (values[:, -1:] >= kth) & torch.isfinite(kth)
         if bool(spill.any()):
             return _split(scores, t, rows, spill.squeeze(1), want_final, width)
     ids, order = ids.sort(dim=-1)  # vocabulary order, as the pick walks it
