@@ -37,6 +37,13 @@ def counts_of(history: list[list[int]]) -> torch.Tensor:
     return counts
 
 
+def seen_of(history: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The flat (row, token, count) form the penalties take."""
+    counts = counts_of(history)
+    rows, tokens = counts.nonzero(as_tuple=True)
+    return rows, tokens, counts[rows, tokens]
+
+
 def reference_frequency(scores: torch.Tensor, history: list[int], penalty: float) -> torch.Tensor:
     """TGI's frequency penalty written out: logit -= penalty * count(token) / tokens so far."""
     out = scores.clone()
@@ -81,8 +88,8 @@ def run_mixed(logits, params, history, top_n: int = 0):
     params = [p if not top_n else SamplingParams(**{**{f: getattr(p, f) for f in p.__struct_fields__},
                                                     "top_n_tokens": top_n}) for p in params]
     t = SamplingTensors.build(params, [len(h) for h in history], CPU, [h[-1] for h in history])
-    counts = counts_of([history[i] for i in t.penalty_rows.tolist()]) if t.penalty_rows is not None else None
-    return sample(logits.clone(), t, counts)
+    seen = seen_of([history[i] for i in t.penalty_rows.tolist()]) if t.penalty_rows is not None else None
+    return sample(logits.clone(), t, seen)
 
 
 def test_each_row_of_a_mixed_batch_matches_its_reference_processing():
@@ -163,7 +170,7 @@ def test_penalties_match_transformers_and_the_direct_frequency_formula():
     rep = torch.tensor([1.0, 1.5, 0.7, 1.2])
     freq = torch.tensor([0.0, 0.0, 1.0, -0.5])
     lengths = torch.tensor([float(len(h)) for h in history])
-    ours = processors.penalties(logits.clone(), counts_of(history), rep, freq, lengths)
+    ours = processors.penalties(logits.clone(), seen_of(history), rep, freq, lengths)
     for i in range(4):
         ref = logits[i:i + 1].clone()
         if rep[i] != 1.0:
@@ -233,21 +240,29 @@ def test_z_score_is_high_for_all_green_text_and_near_zero_for_random_text():
 
 
 def test_token_counts_follow_histories_and_reuse_rows():
-    counts = TokenCounts(VOCAB, CPU, capacity=2)
+    counts = TokenCounts(VOCAB, CPU, capacity=2, width=4)  # both grow past their first size
+
+    def check(rows, history):
+        torch.testing.assert_close(counts.table[rows], counts_of(history))
+        which, tokens, n = counts.seen(rows)
+        got = sorted(zip(which.tolist(), tokens.tolist(), n.tolist()))
+        want = sorted(zip(*(x.tolist() for x in seen_of(history))))
+        assert got == want
+
     history = histories(3, seed=16)
-    rows = counts.rows(["a", "b", "c"], history)  # grows past its capacity
-    torch.testing.assert_close(counts.table[rows], counts_of(history))
-    counts.add(rows[:2], torch.tensor([4, 4]))
+    rows = counts.rows(["a", "b", "c"], history)
+    check(rows, history)
+    new_token = next(t for t in range(VOCAB) if t not in history[0] and t not in history[1])
+    counts.add(rows[:2], torch.tensor([4, new_token]))
     history[0].append(4)
-    history[1].append(4)
+    history[1].append(new_token)
     again = counts.rows(["a", "b", "c"], history)
     assert torch.equal(again, rows)
-    torch.testing.assert_close(counts.table[again], counts_of(history))
+    check(again, history)
     counts.release(["b"])
     fresh = counts.rows(["d"], [[1, 1, 2]])
     assert fresh.tolist() == [int(rows[1])]  # b's row, refilled for d
-    assert counts.table[fresh[0], 1] == 2 and counts.table[fresh[0]].sum() == 3
-
+    check(fresh, [[1, 1, 2]])
 
 def test_top_k_ties_past_the_candidate_width_are_all_kept_like_transformers():
     """300 tokens tied at the k-th score: the row leaves the 256-candidate path and keeps them all."""

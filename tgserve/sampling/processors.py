@@ -103,17 +103,17 @@ def typical_p(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     return scores.masked_fill(surprise_gap > threshold, NEG_INF)
 
 
-def penalties(scores: torch.Tensor, counts: torch.Tensor, repetition: torch.Tensor,
-              frequency: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def penalties(scores: torch.Tensor, seen: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+              repetition: torch.Tensor, frequency: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """TGI's repetition penalty (CTRL: a seen token's logit is divided by the penalty when positive,
     multiplied when negative) then frequency penalty (logit -= penalty * count / length), over
-    prompt and generated tokens. counts: [n, vocab] occurrences. Only the tokens a row has seen
-    change, so the work is over those (a few hundred per row), not the vocabulary. `scores` is
-    updated in place (and returned)."""
-    rows, cols = (counts > 0).nonzero(as_tuple=True)
-    seen = scores[rows, cols]
+    prompt and generated tokens. `seen`: flat (row, token, count) of every token each row has seen;
+    only those logits change, so the work is a few hundred tokens per row, not the vocabulary.
+    `scores` is updated in place (and returned)."""
+    rows, tokens, counts = seen
+    logits = scores[rows, tokens]
     r = repetition.index_select(0, rows)
-    seen = torch.where(seen < 0, seen * r, seen / r)
-    seen -= frequency.index_select(0, rows) * counts[rows, cols] / lengths.index_select(0, rows)
-    scores[rows, cols] = seen
+    logits = torch.where(logits < 0, logits * r, logits / r)
+    logits -= frequency.index_select(0, rows) * counts / lengths.index_select(0, rows)
+    scores[rows, tokens] = logits
     return scores

@@ -47,9 +47,10 @@ class GrammarMask:
 
 
 def _on_rows(scores: torch.Tensor, rows: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`fn` over some rows of `scores` (written back in place: the sampler owns its scores)."""
     if rows.numel() == scores.shape[0]:  # rows are always sorted and unique: this is every row
         return fn(scores)
-    return scores.index_copy(0, rows, fn(scores.index_select(0, rows)))
+    return scores.index_copy_(0, rows, fn(scores.index_select(0, rows)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,18 +64,18 @@ class _Choice:
     ids: torch.Tensor | None  # [m, width] token id of each column
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors, counts: torch.Tensor | None = None,
+def sample(logits: torch.Tensor, t: SamplingTensors, seen: tuple[torch.Tensor, ...] | None = None,
            grammar: GrammarMask | None = None, watermark_gamma: float = watermark.DEFAULT_GAMMA,
            watermark_delta: float = watermark.DEFAULT_DELTA) -> SampledTokens:
     """logits: [rows, vocab] float32, owned by the call (processors may write into it).
-    counts: [penalised rows, vocab] token occurrences."""
+    seen: flat (penalised row, token, count) of the tokens each penalised row has seen."""
     scores = logits
     if t.watermark_rows is not None:
         scores = _on_rows(scores, t.watermark_rows,
                           lambda s: watermark.bias(s, t.previous_tokens, watermark_gamma, watermark_delta))
     if t.penalty_rows is not None:
         scores = _on_rows(scores, t.penalty_rows, lambda s: processors.penalties(
-            s, counts, t.repetition_penalty, t.frequency_penalty, t.lengths))
+            s, seen, t.repetition_penalty, t.frequency_penalty, t.lengths))
     if grammar is not None:
         scores = _on_rows(scores, grammar.rows, grammar.apply)
 
@@ -275,9 +276,9 @@ class Sampler:
         return PreparedStep(seqs, tensors, count_rows, pending)
 
     def sample(self, logits: torch.Tensor, step: PreparedStep) -> SampledTokens:
-        counts = self.counts.table.index_select(0, step.count_rows) if step.count_rows is not None else None
+        seen = self.counts.seen(step.count_rows) if step.count_rows is not None else None
         grammar = step.grammar.result() if step.grammar is not None else None
-        out = sample(logits, step.tensors, counts, grammar, self.watermark_gamma, self.watermark_delta)
+        out = sample(logits, step.tensors, seen, grammar, self.watermark_gamma, self.watermark_delta)
         if step.count_rows is not None:
             chosen = torch.tensor(out.token_ids, device=self.device).index_select(0, step.tensors.penalty_rows)
             self.counts.add(step.count_rows, chosen)
