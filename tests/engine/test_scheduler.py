@@ -448,3 +448,13 @@ def test_preempting_a_sibling_frees_only_its_references():
     assert all(s.kv.pool.refs(b) == 1 for b in runner.block_ids)
     _, outputs = run_to_end(s)
     assert outputs["a.1"][-1].finish_reason is FinishReason.LENGTH
+
+
+def test_a_request_and_its_siblings_stay_within_the_batch_size_cap():
+    s = make_scheduler(step_tokens=64, block_size=4, max_batch_size=3)
+    s.add(request("a", 4, max_new_tokens=8))
+    s.add(with_siblings("b", 4, n=3, max_new_tokens=4))
+    plan, _ = step(s)
+    assert tokens_of(plan) == {"a": 4}  # b and its two siblings would make four
+    _, outputs = run_to_end(s)
+    assert sorted(outputs) == ["a", "b", "b.1", "b.2"]

@@ -103,8 +103,8 @@ def process_step(step: StepOutputs, states: dict[str, RequestState], tokenizer: 
             state.generated_ids.append(token_id)
             top = None
             if out.top_ids:
-                top = [Token(t, tokenizer.decode([t]), lp, t in tokenizer.special_ids)
-                       for t, lp in zip(out.top_ids[i], out.top_logprobs[i])]
+                top = [Token(t, text, lp, t in tokenizer.special_ids) for t, text, lp in
+                       zip(out.top_ids[i], tokenizer.decode_each(out.top_ids[i]), out.top_logprobs[i])]
                 state.top_tokens.append(top)
             final = None
             if reason is not None:

@@ -68,9 +68,8 @@ def _prefill(ctx: ApiContext, valid: ValidRequest, logprobs: list[float]) -> lis
     """Every prompt token with its text and logprob (the first has none), when asked for."""
     if not valid.decoder_input_details:
         return []
-    decode = ctx.validator.tokenizer.decode
-    return [{"id": i, "text": decode([i]), "logprob": lp}
-            for i, lp in zip(valid.prompt_ids, [None, *logprobs])]
+    texts = ctx.validator.tokenizer.decode_each(valid.prompt_ids)
+    return [{"id": i, "text": text, "logprob": lp} for i, text, lp in zip(valid.prompt_ids, texts, [None, *logprobs])]
 
 
 def _sequence_details(state: RequestState, final: FinalResult, prefill: list[dict]) -> dict:

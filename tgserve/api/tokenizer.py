@@ -23,6 +23,12 @@ class Tokenizer:
             return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
+    def decode_each(self, ids: list[int]) -> list[str]:
+        """Each id's own text (special tokens kept), in one call."""
+        if self.backend is not None:
+            return self.backend.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        return [self.decode([i]) for i in ids]
+
     def decode_generated(self, prompt_ids: list[int], generated_ids: list[int]) -> str:
         """The final text of a generation. Decoded behind the prompt's last token, as TGI does, so
         tokenizers that drop a leading space at the start of a text keep it here."""

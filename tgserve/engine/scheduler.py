@@ -162,6 +162,8 @@ class Scheduler:
         self.held_steps = 0
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
+            if self.running and len(self.running) + 1 + len(seq.siblings) > self.max_running:
+                break  # its siblings will run too: wait until there is room for all of them
             n = min(seq.num_uncomputed_tokens, budget)
             # keep a few blocks back for the running decodes, unless nothing runs
             reserve = self.watermark_blocks if self.running else 0
