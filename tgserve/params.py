@@ -19,7 +19,8 @@ class GrammarSpec(msgspec.Struct, frozen=True, array_like=True):
 class SamplingParams(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
     """Next-token choice for one request; the defaults switch every feature off (greedy).
 
-    Processing order (TGI's): watermark → repetition penalty → frequency penalty → grammar mask,
+    Processing order (TGI's, with OpenAI's stages where TGI has none): watermark → repetition
+    penalty → frequency penalty → OpenAI presence/frequency penalties → logit bias → grammar mask,
     then, for sampled rows only, temperature → top-k → top-p → typical-p.
     """
 
@@ -29,7 +30,11 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, omit_defaults
     top_p: float = 1.0  # 1.0: off
     typical_p: float = 1.0  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off
-    frequency_penalty: float = 0.0  # 0.0: off
+    frequency_penalty: float = 0.0  # TGI's: count / length over prompt and generated tokens; 0.0: off
+    # OpenAI's penalties: over generated tokens only, raw counts (logit -= f * count + p * [count > 0])
+    output_frequency_penalty: float = 0.0
+    output_presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     watermark: bool = False
     grammar: GrammarSpec | None = None
     # Always set by the API (a random draw when the request gave none); a sampled row's randomness
@@ -41,6 +46,10 @@ class SamplingParams(msgspec.Struct, frozen=True, array_like=True, omit_defaults
     @property
     def uses_penalty(self) -> bool:
         return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+
+    @property
+    def uses_output_penalty(self) -> bool:
+        return self.output_frequency_penalty != 0.0 or self.output_presence_penalty != 0.0
 
 
 class StoppingParams(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):

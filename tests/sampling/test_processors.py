@@ -309,3 +309,48 @@ def test_a_grammar_leaving_fewer_tokens_than_top_k_samples_only_allowed_tokens()
     out = sample(logits.expand(200, -1).clone(), SamplingTensors.build(params, [5] * 200, CPU, [0] * 200),
                  grammar=GrammarMask(torch.arange(200), mask.apply))
     assert set(out.token_ids) == {3, 1500}
+
+
+# ---- OpenAI's penalties and logit bias (through the stateful Sampler) -----------------------------
+
+
+class FakeSeq:
+    def __init__(self, request_id, prompt, generated, sampling):
+        self.request_id, self.sampling = request_id, sampling
+        self.token_ids, self.num_prompt_tokens = list(prompt) + list(generated), len(prompt)
+
+
+def test_openai_penalties_count_generated_tokens_only_and_logit_bias_adds():
+    from tgserve.sampling.sampler import Sampler
+
+    logits = random_logits(3, seed=30)
+    prompt, generated = [5, 6, 7, 7], [7, 9, 9, 9]
+    seqs = [FakeSeq("a", prompt, generated, SamplingParams(output_frequency_penalty=0.5, output_presence_penalty=0.25,
+                                                            top_n_tokens=VOCAB)),
+            FakeSeq("b", prompt, generated, SamplingParams(top_n_tokens=VOCAB)),
+            FakeSeq("c", prompt, generated, SamplingParams(logit_bias=((11, 100.0), (12, -100.0), (10**6, 5.0)),
+                                                            top_n_tokens=VOCAB))]
+    sampler = Sampler(VOCAB, CPU)
+    out = sampler.sample(logits.clone(), sampler.prepare(seqs))
+    expected_a = logits[0].clone()
+    expected_a[7] -= 0.5 * 1 + 0.25  # once in the generated tokens (the prompt's two do not count)
+    expected_a[9] -= 0.5 * 3 + 0.25
+    expected_c = logits[2].clone()
+    expected_c[11] += 100.0
+    expected_c[12] -= 100.0
+    for row, expected in ((0, expected_a), (1, logits[1]), (2, expected_c)):
+        got = torch.full((VOCAB,), float("-inf"))
+        got[out.top_ids[row]] = torch.tensor(out.top_logprobs[row])
+        torch.testing.assert_close(got, expected.log_softmax(-1), atol=1e-4, rtol=0)
+    assert out.token_ids[2] == 11
+    # the chosen token counts for the next step
+    seqs[0].token_ids.append(out.token_ids[0])
+    again = sampler.sample(logits.clone(), sampler.prepare(seqs))
+    counts_before = {7: 1, 9: 3}
+    counts_before[out.token_ids[0]] = counts_before.get(out.token_ids[0], 0) + 1
+    expected = logits[0].clone()
+    for token, n in counts_before.items():
+        expected[token] -= 0.5 * n + 0.25
+    got = torch.full((VOCAB,), float("-inf"))
+    got[again.top_ids[0]] = torch.tensor(again.top_logprobs[0])
+    torch.testing.assert_close(got, expected.log_softmax(-1), atol=1e-4, rtol=0)

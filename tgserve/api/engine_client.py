@@ -17,7 +17,7 @@ import zmq.asyncio
 
 from tgserve.api.errors import GenerationError, OverloadedError
 from tgserve.api.metrics import Metrics
-from tgserve.api.outputs import RequestState, process_step
+from tgserve.api.outputs import EventQueue, RequestState, process_step
 from tgserve.api.tokenizer import Tokenizer
 from tgserve.api.validate import ValidRequest
 from tgserve.protocol import (Abort, AddRequest, EngineFailed, EngineStats, Ready, Sibling, StepOutputs, ToEngine,
@@ -66,16 +66,20 @@ class EngineClient:
 
     # ---- requests -----------------------------------------------------------------------------
 
-    def submit(self, valid: ValidRequest) -> RequestState:
-        """Admit a validated request (or refuse it) and hand it to the engine. A best_of request
-        takes one slot per sequence, as in TGI; its siblings hang off the returned state."""
+    def submit(self, valids: list[ValidRequest], events: EventQueue) -> list[RequestState]:
+        """Admit the validated requests of one HTTP request, all or none (429 past the limit), and
+        hand them to the engine. Each sequence takes a slot (as best_of does in TGI); a request's
+        siblings hang off its state. Every event lands on `events`."""
         if self.failed is not None:
             raise GenerationError(f"Server error: {self.failed}")
-        if len(self.states) + valid.best_of > self.max_concurrent_requests:
+        if len(self.states) + sum(v.num_sequences for v in valids) > self.max_concurrent_requests:
             raise OverloadedError()
+        return [self._submit(valid, events) for valid in valids]
+
+    def _submit(self, valid: ValidRequest, events: EventQueue) -> RequestState:
         group = str(next(self._ids))
-        state = RequestState(group, valid, self.tokenizer)
-        state.siblings = [RequestState(f"{group}.{k}", valid, self.tokenizer, seed=seed)
+        state = RequestState(group, valid, self.tokenizer, events)
+        state.siblings = [RequestState(f"{group}.{k}", valid, self.tokenizer, events, seed=seed)
                           for k, seed in enumerate(valid.sibling_seeds, start=1)]
         for s in (state, *state.siblings):
             self.states[s.request_id] = s

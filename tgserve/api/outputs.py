@@ -41,6 +41,9 @@ class StreamEvent:
     final: FinalResult | None  # set on the last token
 
 
+EventQueue = asyncio.Queue  # of (RequestState, StreamEvent | InferError)
+
+
 class RequestState:
     """One sequence of a request inside the API, owned by the engine client until it ends. A
     best_of request has one per sequence; the first holds the others in `siblings`."""
@@ -49,7 +52,8 @@ class RequestState:
                  "siblings", "detok", "stop", "events", "created", "first_token_at", "finished_at", "final",
                  "error")
 
-    def __init__(self, request_id: str, valid: ValidRequest, tokenizer: Tokenizer, seed: int | None = None):
+    def __init__(self, request_id: str, valid: ValidRequest, tokenizer: Tokenizer, events: "EventQueue",
+                 seed: int | None = None):
         self.request_id = request_id
         self.valid = valid
         self.seed = valid.seed if seed is None else seed
@@ -61,7 +65,7 @@ class RequestState:
         self.detok = IncrementalDetokenizer(tokenizer, valid.prompt_ids)
         stops = valid.stopping.stop_sequences
         self.stop = StopMatcher(stops) if stops else None
-        self.events: asyncio.Queue[StreamEvent | InferError] = asyncio.Queue()
+        self.events = events  # shared by every sequence one HTTP request asked for
         self.created = time.monotonic()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
@@ -71,7 +75,7 @@ class RequestState:
     def fail(self, error: InferError) -> None:
         self.error = error
         self.finished_at = time.monotonic()
-        self.events.put_nowait(error)
+        self.events.put_nowait((self, error))
 
 
 def process_step(step: StepOutputs, states: dict[str, RequestState], tokenizer: Tokenizer,
@@ -114,7 +118,7 @@ def process_step(step: StepOutputs, states: dict[str, RequestState], tokenizer: 
                 )
                 state.final, state.finished_at = final, now
                 del states[out.request_id]
-            state.events.put_nowait(StreamEvent(token, top, final))
+            state.events.put_nowait((state, StreamEvent(token, top, final)))
             if final is not None:
                 break
     if stopped:

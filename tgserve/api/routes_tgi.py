@@ -6,7 +6,7 @@ errors with their status. A client that disconnects has its request aborted in t
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -17,6 +17,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from tgserve import __version__
+from tgserve.api import serving
 from tgserve.api.engine_client import EngineClient
 from tgserve.api.errors import UNHEALTHY, InferError
 from tgserve.api.metrics import Metrics
@@ -87,65 +88,29 @@ def _mean_logprob(state: RequestState) -> float:
 # ---- /generate ------------------------------------------------------------------------------------
 
 
-class ClientGone(Exception):
-    pass
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _final(state: RequestState) -> FinalResult:
-    while True:
-        event = await state.events.get()
-        if isinstance(event, InferError):
-            raise event
-        if event.final is not None:
-            return event.final
-
-
 async def _generate(ctx: ApiContext, inputs: str, params: GenerateParameters | None, request: Request,
                     full_text_default: bool) -> tuple[dict, dict]:
     start = time.monotonic()
     ctx.metrics.received()
     valid = await ctx.validator.validate(inputs, params, stream=False, return_full_text_default=full_text_default)
     validated = time.monotonic()
-    state = ctx.client.submit(valid)
-    group = [state, *state.siblings]
-    tasks = [asyncio.ensure_future(_final(s)) for s in group]
-    work = asyncio.ensure_future(asyncio.gather(*tasks))
-    gone = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if work not in done:
-        for task in tasks:
-            task.cancel()
-        ctx.client.abort(state)
-        raise ClientGone()
-    try:
-        finals = work.result()
-    except InferError:
-        for task in tasks:  # one sequence failed: the others are not worth finishing
-            task.cancel()
-        ctx.client.abort(state)
-        raise
+    submitted = serving.submit(ctx.client, [valid])
+    finals = await serving.collect(submitted, request)
     end = time.monotonic()
+    group = submitted.sequences
     # best_of: TGI returns the sequence with the highest mean token logprob, the others beside it
-    best = max(range(len(group)), key=lambda i: _mean_logprob(group[i])) if len(group) > 1 else 0
-    final = finals[best]
+    best = max(group, key=_mean_logprob)
+    final = finals[best.request_id]
     ctx.metrics.success(end - start, final.generated_tokens)
     body: dict = {"generated_text": _full_text(valid, final.generated_text)}
     if valid.details:
-        prefill = _prefill(ctx, valid, state.prefill_logprobs)
-        body["details"] = _sequence_details(group[best], final, prefill)
+        prefill = _prefill(ctx, valid, group[0].prefill_logprobs)
+        body["details"] = _sequence_details(best, final, prefill)
         if len(group) > 1:
             body["details"]["best_of_sequences"] = [
-                {"generated_text": _full_text(valid, finals[i].generated_text),
-                 **_sequence_details(group[i], finals[i], prefill)}
-                for i in range(len(group)) if i != best]
+                {"generated_text": _full_text(valid, finals[s.request_id].generated_text),
+                 **_sequence_details(s, finals[s.request_id], prefill)}
+                for s in group if s is not best]
     inference = end - validated
     headers = {
         "x-compute-type": _compute_type(ctx), "x-compute-characters": str(len(inputs)),
@@ -164,7 +129,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
         result, headers = await _generate(ctx, body.inputs, body.parameters, request, full_text_default=False)
     except InferError as e:
         return _error(ctx, e)
-    except ClientGone:
+    except serving.ClientGone:
         return Response(status_code=499)
     return _json(result, headers=headers)
 
@@ -196,29 +161,17 @@ async def _stream_events(ctx: ApiContext, inputs: str, params: GenerateParameter
     ctx.metrics.received()
     try:
         valid = await ctx.validator.validate(inputs, params, stream=True, return_full_text_default=full_text_default)
-        state = ctx.client.submit(valid)
+        submitted = serving.submit(ctx.client, [valid])
+        index = 0
+        async with contextlib.aclosing(serving.stream(submitted)) as events:  # closing it aborts
+            async for _, event in events:
+                index += 1
+                if event.final is not None:
+                    ctx.metrics.success(time.monotonic() - start, event.final.generated_tokens)
+                yield _sse(_stream_event(event, index, valid))
     except InferError as e:
         ctx.metrics.failure(e.error_type)
         yield _sse(e.body())
-        return
-    finished = False
-    try:
-        index = 0
-        while not finished:
-            event = await state.events.get()
-            if isinstance(event, InferError):
-                ctx.metrics.failure(event.error_type)
-                finished = True
-                yield _sse(event.body())
-                return
-            index += 1
-            finished = event.final is not None
-            if finished:
-                ctx.metrics.success(time.monotonic() - start, event.final.generated_tokens)
-            yield _sse(_stream_event(event, index, valid))
-    finally:
-        if not finished:  # the client went away mid-stream (or the server is being torn down)
-            ctx.client.abort(state)
 
 
 def _stream_response(ctx: ApiContext, inputs: str, params: GenerateParameters | None,
@@ -244,7 +197,7 @@ async def compat_generate(body: CompatGenerateRequest, request: Request) -> Resp
         result, headers = await _generate(ctx, body.inputs, body.parameters, request, full_text_default=True)
     except InferError as e:
         return _error(ctx, e)
-    except ClientGone:
+    except serving.ClientGone:
         return Response(status_code=499)
     return _json([result], headers=headers)
 

@@ -37,9 +37,12 @@ class ValidRequest:
     return_full_text: bool
     seed: int | None  # reported in details; None when decoding is greedy
     decoder_input_details: bool = False
-    best_of: int = 1
-    # best_of > 1: the seeds of the other sequences (each draws its own, as in TGI)
+    # more sequences of the same prompt (TGI's best_of, OpenAI's n): their seeds
     sibling_seeds: tuple[int, ...] = ()
+
+    @property
+    def num_sequences(self) -> int:
+        return 1 + len(self.sibling_seeds)
 
 
 def samples(p: GenerateParameters) -> bool:
@@ -187,8 +190,8 @@ class Validator:
         full_text = p.return_full_text if p.return_full_text is not None else return_full_text_default
         return ValidRequest(
             inputs, ids, sampling, stopping, p.details or p.decoder_input_details, full_text, seed,
-            decoder_input_details=p.decoder_input_details, best_of=best_of,
-            sibling_seeds=tuple(secrets.randbits(64) for _ in range(best_of - 1)),
+            decoder_input_details=p.decoder_input_details,
+            sibling_seeds=tuple(secrets.randbits(64) for _ in range(best_of - 1)),  # each draws its own, as in TGI
         )
 
     def close(self) -> None:

@@ -117,3 +117,18 @@ def penalties(scores: torch.Tensor, seen: tuple[torch.Tensor, torch.Tensor, torc
     logits -= frequency.index_select(0, rows) * counts / lengths.index_select(0, rows)
     scores[rows, tokens] = logits
     return scores
+
+
+def output_penalties(scores: torch.Tensor, seen: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                     frequency: torch.Tensor, presence: torch.Tensor) -> torch.Tensor:
+    """OpenAI's penalties: logit -= frequency * count + presence, for each token the row has
+    generated (`seen` counts generated tokens only). In place."""
+    rows, tokens, counts = seen
+    scores[rows, tokens] -= frequency.index_select(0, rows) * counts + presence.index_select(0, rows)
+    return scores
+
+
+def logit_bias(scores: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """OpenAI's logit_bias: add each (row, token)'s bias; ids past the vocabulary are ignored. In place."""
+    inside = tokens < scores.shape[1]
+    return scores.index_put_((rows[inside], tokens[inside]), bias[inside], accumulate=True)

@@ -66,9 +66,11 @@ class _Choice:
 
 def sample(logits: torch.Tensor, t: SamplingTensors, seen: tuple[torch.Tensor, ...] | None = None,
            grammar: GrammarMask | None = None, watermark_gamma: float = watermark.DEFAULT_GAMMA,
-           watermark_delta: float = watermark.DEFAULT_DELTA) -> SampledTokens:
+           watermark_delta: float = watermark.DEFAULT_DELTA,
+           seen_output: tuple[torch.Tensor, ...] | None = None) -> SampledTokens:
     """logits: [rows, vocab] float32, owned by the call (processors may write into it).
-    seen: flat (penalised row, token, count) of the tokens each penalised row has seen."""
+    seen: flat (penalised row, token, count) of the tokens each penalised row has seen;
+    seen_output: the same over generated tokens, for the rows with OpenAI's penalties."""
     scores = logits
     if t.watermark_rows is not None:
         scores = _on_rows(scores, t.watermark_rows,
@@ -76,6 +78,11 @@ def sample(logits: torch.Tensor, t: SamplingTensors, seen: tuple[torch.Tensor, .
     if t.penalty_rows is not None:
         scores = _on_rows(scores, t.penalty_rows, lambda s: processors.penalties(
             s, seen, t.repetition_penalty, t.frequency_penalty, t.lengths))
+    if t.output_penalty_rows is not None:
+        scores = _on_rows(scores, t.output_penalty_rows, lambda s: processors.output_penalties(
+            s, seen_output, t.output_frequency, t.output_presence))
+    if t.bias is not None:
+        scores = processors.logit_bias(scores, *t.bias)
     if grammar is not None:
         scores = _on_rows(scores, grammar.rows, grammar.apply)
 
@@ -244,6 +251,7 @@ class PreparedStep:
     seqs: list[SequenceView]
     tensors: SamplingTensors
     count_rows: torch.Tensor | None
+    output_count_rows: torch.Tensor | None
     grammar: PendingGrammar | None
 
 
@@ -251,7 +259,8 @@ class Sampler:
     def __init__(self, vocab_size: int, device: torch.device, grammar: GrammarBackend | None = None,
                  watermark_gamma: float = watermark.DEFAULT_GAMMA, watermark_delta: float = watermark.DEFAULT_DELTA):
         self.device = device
-        self.counts = TokenCounts(vocab_size, device)
+        self.counts = TokenCounts(vocab_size, device)  # prompt + generated (TGI's penalties)
+        self.output_counts = TokenCounts(vocab_size, device)  # generated only (OpenAI's penalties)
         self.grammar = grammar
         self.watermark_gamma, self.watermark_delta = watermark_gamma, watermark_delta
 
@@ -270,23 +279,33 @@ class Sampler:
         if tensors.penalty_rows is not None:
             penalised = [seqs[i] for i in tensors.penalty_rows.tolist()]
             count_rows = self.counts.rows([s.request_id for s in penalised], [s.token_ids for s in penalised])
+        output_count_rows = None
+        if tensors.output_penalty_rows is not None:
+            penalised = [seqs[i] for i in tensors.output_penalty_rows.tolist()]
+            output_count_rows = self.output_counts.rows([s.request_id for s in penalised],
+                                                        [s.token_ids[s.num_prompt_tokens:] for s in penalised])
         pending = None
         if self.grammar is not None and any(p.grammar is not None for p in params):
             pending = self.grammar.start(seqs)
-        return PreparedStep(seqs, tensors, count_rows, pending)
+        return PreparedStep(seqs, tensors, count_rows, output_count_rows, pending)
 
     def sample(self, logits: torch.Tensor, step: PreparedStep) -> SampledTokens:
         seen = self.counts.seen(step.count_rows) if step.count_rows is not None else None
+        seen_output = self.output_counts.seen(step.output_count_rows) if step.output_count_rows is not None else None
         grammar = step.grammar.result() if step.grammar is not None else None
-        out = sample(logits, step.tensors, seen, grammar, self.watermark_gamma, self.watermark_delta)
-        if step.count_rows is not None:
-            chosen = torch.tensor(out.token_ids, device=self.device).index_select(0, step.tensors.penalty_rows)
-            self.counts.add(step.count_rows, chosen)
+        out = sample(logits, step.tensors, seen, grammar, self.watermark_gamma, self.watermark_delta, seen_output)
+        if step.count_rows is not None or step.output_count_rows is not None:
+            chosen = torch.tensor(out.token_ids, device=self.device)
+            if step.count_rows is not None:
+                self.counts.add(step.count_rows, chosen.index_select(0, step.tensors.penalty_rows))
+            if step.output_count_rows is not None:
+                self.output_counts.add(step.output_count_rows, chosen.index_select(0, step.tensors.output_penalty_rows))
         if grammar is not None:
             self.grammar.accept(step.seqs, out.token_ids)
         return out
 
     def release(self, request_ids: list[str]) -> None:
         self.counts.release(request_ids)
+        self.output_counts.release(request_ids)
         if self.grammar is not None:
             self.grammar.release(request_ids)

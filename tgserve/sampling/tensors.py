@@ -60,6 +60,10 @@ class SamplingTensors:
     repetition_penalty: torch.Tensor | None
     frequency_penalty: torch.Tensor | None
     lengths: torch.Tensor | None  # tokens so far (frequency is count / length)
+    output_penalty_rows: torch.Tensor | None  # OpenAI's presence / frequency penalties
+    output_frequency: torch.Tensor | None
+    output_presence: torch.Tensor | None
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # flat (row, token, bias) of logit_bias
     watermark_rows: torch.Tensor | None
     previous_tokens: torch.Tensor | None  # the token before the one being chosen
     top_n_rows: torch.Tensor | None
@@ -86,6 +90,8 @@ class SamplingTensors:
         uniform[sampled] = uniform_from(seeds, np.array([positions[i] for i in sampled], dtype=np.uint64))
         widths = [candidate_width(p) for p in params]
         penalised = [i for i, p in enumerate(params) if p.uses_penalty]
+        output_penalised = [i for i, p in enumerate(params) if p.uses_output_penalty]
+        biased = [(i, token, bias) for i, p in enumerate(params) for token, bias in p.logit_bias]
         watermarked = [i for i, p in enumerate(params) if p.watermark]
         if watermarked and last_tokens is None:
             raise ValueError("watermarked rows need the previous token of each row")
@@ -107,6 +113,13 @@ class SamplingTensors:
             frequency_penalty=column([params[i].frequency_penalty for i in penalised], torch.float32)
             if penalised else None,
             lengths=column([positions[i] for i in penalised], torch.float32) if penalised else None,
+            output_penalty_rows=rows(output_penalised),
+            output_frequency=column([params[i].output_frequency_penalty for i in output_penalised], torch.float32)
+            if output_penalised else None,
+            output_presence=column([params[i].output_presence_penalty for i in output_penalised], torch.float32)
+            if output_penalised else None,
+            bias=(column([b[0] for b in biased], torch.long), column([b[1] for b in biased], torch.long),
+                  column([b[2] for b in biased], torch.float32)) if biased else None,
             watermark_rows=rows(watermarked),
             previous_tokens=column([last_tokens[i] for i in watermarked], torch.long) if watermarked else None,
             top_n_rows=rows([i for i, p in enumerate(params) if p.top_n_tokens > 0]),
