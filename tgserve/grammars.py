@@ -27,10 +27,11 @@ JSON_OPTIONS = {"whitespace_flexible": False}
 
 
 def close_objects(schema: Any) -> Any:
-    """A copy of `schema` where every object without `additionalProperties` forbids extra keys."""
+    """A copy of `schema` where every object that lists its properties but says nothing of
+    `additionalProperties` forbids extra keys (an object without `properties` stays open)."""
     if isinstance(schema, dict):
         schema = {k: close_objects(v) for k, v in schema.items()}
-        if schema.get("type") == "object" or "properties" in schema:
+        if "properties" in schema:
             schema.setdefault("additionalProperties", False)
     elif isinstance(schema, list):
         schema = [close_objects(v) for v in schema]

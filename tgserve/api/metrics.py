@@ -41,13 +41,16 @@ class Metrics:
         self.request_count = 0
         self.request_success = 0
         self.request_failure: dict[str, int] = defaultdict(int)
+        self.route_requests: dict[str, int] = defaultdict(int)  # tgserve_request_count{route}
+        self.route_failures: dict[tuple[str, str], int] = defaultdict(int)
         self.request_duration = _Histogram(DURATION_BUCKETS)
         self.generated_tokens = _Histogram(TOKEN_BUCKETS)
         self.gauges = {"tgi_queue_size": 0, "tgi_batch_current_size": 0,
                        "tgserve_kv_cache_free_blocks": 0, "tgserve_kv_cache_total_blocks": 0}
 
-    def received(self) -> None:
+    def received(self, route: str = "/generate") -> None:
         self.request_count += 1
+        self.route_requests[route] += 1
 
     def engine_stats(self, stats: EngineStats) -> None:
         self.gauges.update(tgi_queue_size=stats.num_waiting, tgi_batch_current_size=stats.num_running,
@@ -59,8 +62,10 @@ class Metrics:
         self.request_duration.observe(seconds)
         self.generated_tokens.observe(generated_tokens)
 
-    def failure(self, error_type: str) -> None:
+    def failure(self, error_type: str, route: str | None = None) -> None:
         self.request_failure[error_type] += 1
+        if route is not None:
+            self.route_failures[(route, error_type)] += 1
 
     def dropped(self) -> None:
         self.request_failure["dropped"] += 1
@@ -76,4 +81,14 @@ class Metrics:
         lines += self.generated_tokens.lines("tgi_request_generated_tokens")
         for name, value in self.gauges.items():
             lines += [f"# TYPE {name} gauge", f"{name} {value}"]
+        total = self.gauges["tgserve_kv_cache_total_blocks"]
+        used = total - self.gauges["tgserve_kv_cache_free_blocks"]
+        lines += ["# TYPE tgserve_kv_cache_used_blocks gauge", f"tgserve_kv_cache_used_blocks {used}",
+                  "# TYPE tgserve_kv_cache_usage_ratio gauge",
+                  f"tgserve_kv_cache_usage_ratio {used / total if total else 0.0:g}",
+                  "# TYPE tgserve_request_count counter"]
+        lines += [f'tgserve_request_count{{route="{r}"}} {n}' for r, n in sorted(self.route_requests.items())]
+        lines.append("# TYPE tgserve_request_failure counter")
+        lines += [f'tgserve_request_failure{{route="{r}",err="{e}"}} {n}'
+                  for (r, e), n in sorted(self.route_failures.items())]
         return ("\n".join(lines) + "\n").encode()

@@ -9,34 +9,26 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 import orjson
 from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError as PydanticValidationError
 from fastapi.responses import StreamingResponse
 
 from tgserve import __version__
 from tgserve.api import serving
-from tgserve.api.engine_client import EngineClient
-from tgserve.api.errors import UNHEALTHY, InferError
-from tgserve.api.metrics import Metrics
+from tgserve.api.serving import ApiContext
+from tgserve.api.errors import UNHEALTHY, BodyError, InferError
 from tgserve.api.outputs import FinalResult, RequestState, StreamEvent, Token
+from tgserve.api.schemas_openai import ChatCompletionRequest, CompletionRequest
 from tgserve.api.schemas_tgi import CompatGenerateRequest, GenerateParameters, GenerateRequest
-from tgserve.api.validate import ValidRequest, Validator
-from tgserve.config import Config
+from tgserve.api.validate import ValidRequest
 
 router = APIRouter()
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-@dataclass(slots=True)
-class ApiContext:
-    config: Config
-    validator: Validator
-    client: EngineClient
-    metrics: Metrics
 
 
 def _ctx(request: Request) -> ApiContext:
@@ -237,3 +229,54 @@ async def info(request: Request) -> Response:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     return Response(_ctx(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+# ---- /tokenize, /chat_tokenize, /invocations ------------------------------------------------------
+
+
+def _tokens_json(tokenizer, text: str, add_special_tokens: bool, truncate: int | None = None) -> list[dict]:
+    tokens = tokenizer.encode_with_offsets(text, add_special_tokens)
+    if truncate is not None:
+        tokens = tokens[-truncate:]
+    raw = text.encode()
+    return [{"id": i, "text": raw[a:b].decode(errors="replace"), "start": a, "stop": b} for i, a, b in tokens]
+
+
+@router.post("/tokenize")
+async def tokenize(body: GenerateRequest, request: Request) -> Response:
+    """TGI's: each token of `inputs` with its text and byte offsets (`truncate` honoured)."""
+    ctx = _ctx(request)
+    truncate = body.parameters.truncate if body.parameters is not None else None
+    return _json(_tokens_json(ctx.validator.tokenizer, body.inputs, True, truncate))
+
+
+@router.post("/chat_tokenize")
+async def chat_tokenize(body: ChatCompletionRequest, request: Request) -> Response:
+    """TGI's: the chat request's rendered prompt, and its tokens."""
+    ctx = _ctx(request)
+    try:
+        text, _, _ = ctx.openai.render(body)
+    except InferError as e:
+        return _error(ctx, e)
+    return _json({"tokenize_response": _tokens_json(ctx.validator.tokenizer, text, False), "templated_text": text})
+
+
+@router.post("/invocations")
+async def invocations(request: Request) -> Response:
+    """SageMaker's route, as TGI serves it: a chat, completion or generate body, told apart by its
+    fields (`messages`, `prompt`, else `inputs`)."""
+    from tgserve.api import routes_openai
+
+    try:
+        payload = await request.json()
+    except ValueError as e:
+        return _error(_ctx(request), BodyError(f"Failed to parse the request body as JSON: {e}", 400))
+    kinds = ((ChatCompletionRequest, routes_openai.chat_completions) if "messages" in payload else
+             (CompletionRequest, routes_openai.completions) if "prompt" in payload else
+             (CompatGenerateRequest, compat_generate))
+    model, route = kinds
+    try:
+        body = model.model_validate(payload)
+    except PydanticValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+    return await route(body, request)

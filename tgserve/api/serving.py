@@ -12,8 +12,23 @@ from fastapi import Request
 
 from tgserve.api.engine_client import EngineClient
 from tgserve.api.errors import InferError
+from tgserve.api.metrics import Metrics
+from tgserve.api.openai_requests import OpenAITranslator
 from tgserve.api.outputs import EventQueue, FinalResult, RequestState, StreamEvent
-from tgserve.api.validate import ValidRequest
+from tgserve.api.validate import ValidRequest, Validator
+from tgserve.config import Config
+
+
+@dataclass(slots=True)
+class ApiContext:
+    """What every route reads: built once by app.py."""
+
+    config: Config
+    validator: Validator
+    client: EngineClient
+    metrics: Metrics
+    openai: OpenAITranslator | None = None
+    started: int = 0  # unix time the API started (OpenAI's `created` of the model)
 
 
 class ClientGone(Exception):

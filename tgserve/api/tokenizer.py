@@ -11,12 +11,26 @@ class Tokenizer:
         # the Rust tokenizer directly: its decode is several times cheaper than the Python wrapper's
         self.backend = getattr(self.hf, "backend_tokenizer", None)
         self.special_ids = frozenset(self.hf.all_special_ids)
+        self.vocab_size = len(self.hf)  # ids a request may name (added tokens included)
         self.eos_token_ids = tuple(sorted(_eos_ids(folder, self.hf)))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.backend is not None:
             return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         return self.hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = True) -> list[tuple[int, int, int]]:
+        """(id, start, stop) per token, the offsets in bytes of the UTF-8 text (TGI's /tokenize)."""
+        if self.backend is not None:
+            encoding = self.backend.encode(text, add_special_tokens=add_special_tokens)
+            ids, offsets = encoding.ids, encoding.offsets
+        else:
+            encoding = self.hf(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+            ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+        byte_at = [0]  # byte offset of each character
+        for ch in text:
+            byte_at.append(byte_at[-1] + len(ch.encode()))
+        return [(i, byte_at[a], byte_at[b]) for i, (a, b) in zip(ids, offsets)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         if self.backend is not None:

@@ -132,7 +132,7 @@ def normalise_grammar(grammar: Grammar, cfg: ServerConfig) -> GrammarSpec:
 class Validator:
     def __init__(self, tokenizer: Tokenizer, cfg: ServerConfig, grammar_check: GrammarCheck | None = None):
         self.tokenizer, self.cfg, self.grammar_check = tokenizer, cfg, grammar_check
-        self._pool = ThreadPoolExecutor(cfg.validation_workers, thread_name_prefix="validation")
+        self.pool = ThreadPoolExecutor(cfg.validation_workers, thread_name_prefix="validation")
 
     async def validate(self, inputs: str, params: GenerateParameters | None, stream: bool,
                        return_full_text_default: bool = False) -> ValidRequest:
@@ -140,11 +140,11 @@ class Validator:
         p = params if params is not None else GenerateParameters(do_sample=True)
         check_parameters(p, inputs, stream, self.cfg)
         loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self._pool, self.tokenizer.encode, inputs)
+        ids = await loop.run_in_executor(self.pool, self.tokenizer.encode, inputs)
         valid = self.finish(inputs, ids, p, return_full_text_default)
         if p.grammar is None:
             return valid
-        grammar = await loop.run_in_executor(self._pool, self.check_grammar, p.grammar)
+        grammar = await loop.run_in_executor(self.pool, self.check_grammar, p.grammar)
         return dataclasses.replace(valid, sampling=msgspec.structs.replace(valid.sampling, grammar=grammar))
 
     def check_grammar(self, grammar: Grammar) -> GrammarSpec:
@@ -195,4 +195,4 @@ class Validator:
         )
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
