@@ -164,7 +164,8 @@ class OpenAITranslator:
                 text, ids = prompt, await self._encode(prompt, add_special_tokens=True)
             else:
                 text, ids = self.tokenizer.decode(prompt), prompt
-            valid = await self._valid(text, ids, body, body.max_tokens, "max_tokens", best_of, None,
+            max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI: null means 16
+            valid = await self._valid(text, ids, body, max_tokens, "max_tokens", best_of, None,
                                       top_n=body.logprobs or 0, prompt_logprobs=body.echo and body.logprobs is not None)
             plans.append(OpenAIPlan(valid, text, n, self._stops(body.stop), body.logprobs, echo=body.echo))
         return plans

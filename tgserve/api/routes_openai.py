@@ -60,10 +60,12 @@ class StopTrimmer:
         self.stops, self.hold = stops, max((len(s) for s in stops), default=1) - 1
         self.text, self.sent, self.done = "", 0, False
 
-    def feed(self, piece: str, final: bool) -> str:
+    def feed(self, piece: str, final: bool, whole: str | None = None) -> str:
+        """`whole`: with the final piece, the finished text as decoded from all its ids; it replaces
+        the pieces (whose last bytes may still be held back as an incomplete character)."""
         if self.done:
             return ""
-        self.text += piece
+        self.text = whole if whole is not None else self.text + piece
         start = max(0, self.sent - self.hold)
         cuts = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
         if cuts:
@@ -188,7 +190,8 @@ async def _chat_chunks(ctx, plan: OpenAIPlan, submitted: serving.Submitted, mode
                     elif logprobs is not None:
                         yield chunk(i, {}, logprobs)
                 else:
-                    text = trimmers[state.request_id].feed(piece, final is not None)
+                    text = trimmers[state.request_id].feed(piece, final is not None,
+                                                           final.generated_text if final is not None else None)
                     if text or logprobs is not None:
                         yield chunk(i, {"content": text} if text else {}, logprobs)
                 if final is not None:
@@ -300,7 +303,8 @@ async def _completion_chunks(ctx, plans: list[OpenAIPlan], submitted: serving.Su
             async for state, event in events:
                 i, plan = where[state.request_id]
                 token, final = event.token, event.final
-                text = trimmers[state.request_id].feed("" if token.special else token.text, final is not None)
+                text = trimmers[state.request_id].feed("" if token.special else token.text, final is not None,
+                                                       final.generated_text if final is not None else None)
                 logprobs = None
                 if plan.logprobs is not None and not token.special:
                     logprobs = {"tokens": [token.text], "token_logprobs": [token.logprob],
