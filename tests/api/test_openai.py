@@ -305,3 +305,15 @@ def test_openapi_describes_the_openai_routes_with_their_schemas(tiny_server):
     assert chat_op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("ChatCompletionRequest")
     assert chat_op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("ChatCompletion")
     assert "ErrorResponse" in json.dumps(chat_op["responses"]["400"])
+
+
+def test_openapi_gives_the_tgi_routes_their_response_schemas(tiny_server):
+    spec = httpx.get(tiny_server.url + "/openapi.json").json()
+    ok = {path: json.dumps(spec["paths"][path][method]["responses"]["200"])
+          for path, method in (("/generate", "post"), ("/generate_stream", "post"), ("/info", "get"),
+                               ("/tokenize", "post"), ("/chat_tokenize", "post"), ("/v1/completions", "post"),
+                               ("/v1/models", "get"))}
+    for path, name in (("/generate", "GenerateResponse"), ("/generate_stream", "StreamResponse"), ("/info", "Info"),
+                       ("/tokenize", "TokenizedToken"), ("/chat_tokenize", "ChatTokenizeResponse"),
+                       ("/v1/completions", "Completion"), ("/v1/models", "ModelList")):
+        assert name in ok[path], path

@@ -23,12 +23,16 @@ from tgserve.api.serving import ApiContext
 from tgserve.api.errors import UNHEALTHY, BodyError, InferError
 from tgserve.api.outputs import FinalResult, RequestState, StreamEvent, Token
 from tgserve.api.schemas_openai import ChatCompletionRequest, CompletionRequest
-from tgserve.api.schemas_tgi import CompatGenerateRequest, GenerateParameters, GenerateRequest
+from tgserve.api.schemas_tgi import (ChatTokenizeResponse, CompatGenerateRequest, ErrorResponse, GenerateParameters,
+                                    GenerateRequest, GenerateResponse, Info, StreamResponse, TokenizedToken)
 from tgserve.api.validate import ValidRequest
 
 router = APIRouter()
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 422, 424, 429)}
+SSE_DOC = {200: {"description": "server-sent events, each `data:` + a StreamResponse (or one ErrorResponse)",
+                 "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/StreamResponse"}}}}}
 
 
 def _ctx(request: Request) -> ApiContext:
@@ -114,7 +118,7 @@ async def _generate(ctx: ApiContext, inputs: str, params: GenerateParameters | N
     return body, headers
 
 
-@router.post("/generate")
+@router.post("/generate", response_model=GenerateResponse, responses=ERRORS)
 async def generate(body: GenerateRequest, request: Request) -> Response:
     ctx = _ctx(request)
     try:
@@ -173,12 +177,12 @@ def _stream_response(ctx: ApiContext, inputs: str, params: GenerateParameters | 
                              media_type="text/event-stream", headers=headers)
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", response_model=StreamResponse, responses=SSE_DOC)
 async def generate_stream(body: GenerateRequest, request: Request) -> StreamingResponse:
     return _stream_response(_ctx(request), body.inputs, body.parameters, full_text_default=False)
 
 
-@router.post("/")
+@router.post("/", response_model=list[GenerateResponse], responses={**ERRORS, **SSE_DOC})
 async def compat_generate(body: CompatGenerateRequest, request: Request) -> Response:
     """TGI's compat route (what the Python clients call): a list, or SSE when `stream` is true.
     Its return_full_text defaults to true, as TGI's does for text-generation models."""
@@ -205,7 +209,7 @@ async def health(request: Request) -> Response:
     return _json(UNHEALTHY, status=503)
 
 
-@router.get("/info")
+@router.get("/info", response_model=Info)
 async def info(request: Request) -> Response:
     ctx = _ctx(request)
     cfg, ready = ctx.config, ctx.client.ready
@@ -242,7 +246,7 @@ def _tokens_json(tokenizer, text: str, add_special_tokens: bool, truncate: int |
     return [{"id": i, "text": raw[a:b].decode(errors="replace"), "start": a, "stop": b} for i, a, b in tokens]
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", response_model=list[TokenizedToken])
 async def tokenize(body: GenerateRequest, request: Request) -> Response:
     """TGI's: each token of `inputs` with its text and byte offsets (`truncate` honoured)."""
     ctx = _ctx(request)
@@ -250,7 +254,7 @@ async def tokenize(body: GenerateRequest, request: Request) -> Response:
     return _json(_tokens_json(ctx.validator.tokenizer, body.inputs, True, truncate))
 
 
-@router.post("/chat_tokenize")
+@router.post("/chat_tokenize", response_model=ChatTokenizeResponse)
 async def chat_tokenize(body: ChatCompletionRequest, request: Request) -> Response:
     """TGI's: the chat request's rendered prompt, and its tokens."""
     ctx = _ctx(request)

@@ -58,3 +58,103 @@ class GenerateRequest(BaseModel):
 
 class CompatGenerateRequest(GenerateRequest):
     stream: bool = False
+
+
+# ---- responses (for the OpenAPI description; routes write the same shapes as plain dicts) ------------
+
+
+class Token(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
+
+
+class PrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: float | None
+
+
+class BestOfSequence(BaseModel):
+    generated_text: str
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    top_tokens: list[list[Token]] | None = None
+
+
+class Details(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None
+    prefill: list[PrefillToken]
+    tokens: list[Token]
+    top_tokens: list[list[Token]] | None = None
+    best_of_sequences: list[BestOfSequence] | None = None
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details | None = None
+
+
+class StreamDetails(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    seed: int | None
+    input_length: int
+
+
+class StreamResponse(BaseModel):
+    """One server-sent event (`data:` + this JSON) per generated token."""
+
+    index: int
+    token: Token
+    top_tokens: list[Token] | None = None
+    generated_text: str | None
+    details: StreamDetails | None
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    error_type: str
+
+
+class Info(BaseModel):
+    model_id: str
+    model_sha: str | None
+    model_pipeline_tag: str | None
+    model_dtype: str | None
+    model_device_type: str | None
+    max_concurrent_requests: int
+    max_best_of: int
+    max_stop_sequences: int
+    max_input_tokens: int
+    max_total_tokens: int
+    max_input_length: int
+    waiting_served_ratio: float
+    max_batch_total_tokens: int | None
+    max_batch_prefill_tokens: int | None
+    max_waiting_tokens: int
+    max_batch_size: int | None
+    validation_workers: int
+    max_client_batch_size: int
+    router: str
+    version: str
+    sha: str | None
+    docker_label: str | None
+
+
+class TokenizedToken(BaseModel):
+    id: int
+    text: str
+    start: int
+    stop: int
+
+
+class ChatTokenizeResponse(BaseModel):
+    tokenize_response: list[TokenizedToken]
+    templated_text: str
