@@ -156,6 +156,15 @@ def test_tool_calls_come_back_valid_and_stream_the_same_arguments(tiny_server, t
     assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+def test_tool_choice_auto_gives_a_valid_call_or_a_plain_answer(tiny_server):
+    for seed in range(3):
+        choice = chat(tiny_server, max_tokens=100, temperature=1.0, seed=seed, tools=TOOLS)["choices"][0]
+        if choice["finish_reason"] == "tool_calls":
+            json.loads(choice["message"]["tool_calls"][0]["function"]["arguments"])
+        else:
+            assert isinstance(choice["message"]["content"], str) and not choice["message"].get("tool_calls")
+
+
 def test_tool_choice_none_answers_in_text(tiny_server):
     body = chat(tiny_server, max_tokens=5, temperature=0, tools=TOOLS, tool_choice="none")
     assert body["choices"][0]["message"]["content"] is not None and "tool_calls" not in body["choices"][0]["message"]
@@ -250,6 +259,7 @@ def test_context_length_exceeded_has_its_code(tiny_server):
     ({"suffix": "x"}, 422, "suffix"), ({"logprobs": 6}, 400, "logprobs"), ({"best_of": 1, "n": 2}, 400, "best_of"),
     ({"best_of": 3, "n": 1, "stream": True}, 400, "best_of"), ({"prompt": []}, 400, "prompt"),
     ({"prompt": [[1, 999999]]}, 400, "prompt"), ({"max_tokens": 1000}, 400, "prompt"),
+    ({"prompt": ["a", "b", "c", "d", "e"]}, 422, "prompt"),  # TGI's --max-client-batch-size (4)
 ])
 def test_completion_errors(tiny_server, fields, status, param):
     body = completion(tiny_server, status, **{"prompt": "Hello", **fields})

@@ -92,7 +92,7 @@ def create_app(config: Config, tokenizer: Tokenizer) -> FastAPI:
     app = FastAPI(title="Text Generation Inference (tgserve)", version=__version__, lifespan=lifespan,
                   license_info={"name": "Apache 2.0", "url": "https://www.apache.org/licenses/LICENSE-2.0"})
     translator = OpenAITranslator(validator, tokenizer, _chat_template(config), config.server.max_total_tokens,
-                                  tokenizer.vocab_size)
+                                  tokenizer.vocab_size, config.server.max_client_batch_size)
     app.state.ctx = ApiContext(config, validator, client, metrics, translator, int(time.time()))
 
     @app.exception_handler(RequestValidationError)

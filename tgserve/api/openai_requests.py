@@ -51,9 +51,10 @@ def _check_range(value, low, high, name: str) -> None:
 
 class OpenAITranslator:
     def __init__(self, validator: Validator, tokenizer: Tokenizer, template: ChatTemplate | None,
-                 max_total_tokens: int, vocab_size: int):
+                 max_total_tokens: int, vocab_size: int, max_client_batch_size: int = 4):
         self.validator, self.tokenizer, self.template = validator, tokenizer, template
         self.max_total_tokens, self.vocab_size = max_total_tokens, vocab_size
+        self.max_client_batch_size = max_client_batch_size
 
     # ---- chat ---------------------------------------------------------------------------------
 
@@ -158,6 +159,10 @@ class OpenAITranslator:
         if body.stream and best_of > n:
             raise OpenAIRequestError("'best_of' cannot be used when streaming.", param="best_of")
         prompts = self._prompts(body.prompt)
+        if len(prompts) > self.max_client_batch_size:  # TGI's --max-client-batch-size
+            raise OpenAIRequestError(f"Number of prompts ({len(prompts)}) exceeds the server's limit of "
+                                     f"{self.max_client_batch_size} (--max-client-batch-size).", param="prompt",
+                                     status=422, code="batch_size_exceeded")
         plans = []
         for prompt in prompts:
             if isinstance(prompt, str):
