@@ -3,12 +3,17 @@
 PYTHON ?= python3
 VENV := .venv
 CLIENT_VENV := .venv-clients
+OPENAI_VENV := .venv-openai
+HF_VENV := .venv-hf
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 CLIENT_STAMP := $(CLIENT_VENV)/.installed
+OPENAI_STAMP := $(OPENAI_VENV)/.installed
+HF_STAMP := $(HF_VENV)/.installed
+CLIENT_STAMPS := $(CLIENT_STAMP) $(OPENAI_STAMP) $(HF_STAMP)
 PORT ?= 3000
 
-.PHONY: install serve test test-fast bench clean
+.PHONY: install clients serve test test-fast bench clean
 
 # The torch wheel is installed first and pinned, so no later step pulls a CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -26,13 +31,31 @@ $(CLIENT_STAMP):
 	$(CLIENT_VENV)/bin/pip install -q text-generation==0.7.0
 	touch $(CLIENT_STAMP)
 
+# OpenAI's and Hugging Face's clients, each in its own venv, pip-installed as their users install them
+# (both pull httpx2).
+$(OPENAI_STAMP):
+	$(PYTHON) -m venv $(OPENAI_VENV)
+	$(OPENAI_VENV)/bin/pip install -q --upgrade pip
+	$(OPENAI_VENV)/bin/pip install -q openai==3.57.0
+	touch $(OPENAI_STAMP)
+
+$(HF_STAMP):
+	$(PYTHON) -m venv $(HF_VENV)
+	$(HF_VENV)/bin/pip install -q --upgrade pip
+	$(HF_VENV)/bin/pip install -q huggingface_hub==2.4.0
+	touch $(HF_STAMP)
+
 install: $(STAMP)
+
+clients: $(CLIENT_STAMPS)
 
 serve: $(STAMP)
 	$(VENV)/bin/tgserve serve --port $(PORT)
 
-test: $(STAMP) $(CLIENT_STAMP)
-	TGSERVE_CLIENT_PYTHON=$(CLIENT_VENV)/bin/python $(VENV)/bin/python -m pytest -q tests
+# The real-client suites (tests/e2e/test_*_client.py) find each client's python through these variables.
+test: $(STAMP) $(CLIENT_STAMPS)
+	TGSERVE_CLIENT_PYTHON=$(CLIENT_VENV)/bin/python TGSERVE_OPENAI_PYTHON=$(OPENAI_VENV)/bin/python \
+	TGSERVE_HF_PYTHON=$(HF_VENV)/bin/python $(VENV)/bin/python -m pytest -q tests
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow" tests
@@ -41,4 +64,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python -m bench.run
 
 clean:
-	rm -rf $(VENV) $(CLIENT_VENV)
+	rm -rf $(VENV) $(CLIENT_VENV) $(OPENAI_VENV) $(HF_VENV)
