@@ -130,38 +130,47 @@ def _chat_choice(index: int, state: RequestState, final: FinalResult, plan: Open
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
-async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+async def _serve(request: Request, route: str, translate, chunks, respond) -> Response:
+    """One OpenAI request end to end: translate it into plans, run them, answer in full or stream."""
     ctx = _ctx(request)
-    route = "/v1/chat/completions"
     ctx.metrics.received(route)
     start = time.monotonic()
     try:
-        plan = await ctx.openai.chat(body)
-        if body.stream:
-            submitted = serving.submit(ctx.client, [plan.valid])
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
+        plans, stream, options = await translate(ctx)
+        submitted = serving.submit(ctx.client, [plan.valid for plan in plans])
+        if stream:
+            include_usage = options is not None and options.include_usage
             # the background task aborts what still runs if the client leaves before the stream starts
-            return StreamingResponse(_chat_chunks(ctx, plan, submitted, body.model, include_usage, start),
-                                     media_type="text/event-stream", headers=SSE_HEADERS,
-                                     background=BackgroundTask(submitted.abort))
-        submitted = serving.submit(ctx.client, [plan.valid])
+            return StreamingResponse(chunks(ctx, plans, submitted, include_usage, start), media_type="text/event-stream",
+                                     headers=SSE_HEADERS, background=BackgroundTask(submitted.abort))
         finals = await serving.collect(submitted, request)
     except InferError as e:
         return _error(ctx, e, route)
     except serving.ClientGone:
         return Response(status_code=499)
-    states = submitted.sequences
-    choices = [_chat_choice(i, s, finals[s.request_id], plan) for i, s in enumerate(states)]
-    completion_tokens = sum(finals[s.request_id].generated_tokens for s in states)
+    completion_tokens = sum(f.generated_tokens for f in finals.values())
     ctx.metrics.success(time.monotonic() - start, completion_tokens)
-    return _json({"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
-                  "model": ctx.config.model.model_id, "system_fingerprint": FINGERPRINT, "choices": choices,
-                  "usage": _usage(len(plan.valid.prompt_ids), completion_tokens)})
+    prompt_tokens = sum(len(plan.valid.prompt_ids) for plan in plans)
+    return _json({**respond(ctx, plans, submitted, finals), "created": int(time.time()),
+                  "model": ctx.config.model.model_id, "system_fingerprint": FINGERPRINT,
+                  "usage": _usage(prompt_tokens, completion_tokens)})
 
 
-async def _chat_chunks(ctx, plan: OpenAIPlan, submitted: serving.Submitted, model: str | None, include_usage: bool,
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def translate(ctx):
+        return [await ctx.openai.chat(body)], body.stream, body.stream_options
+
+    def respond(ctx, plans, submitted, finals) -> dict:
+        choices = [_chat_choice(i, s, finals[s.request_id], plans[0]) for i, s in enumerate(submitted.sequences)]
+        return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "choices": choices}
+
+    return await _serve(request, "/v1/chat/completions", translate, _chat_chunks, respond)
+
+
+async def _chat_chunks(ctx, plans: list[OpenAIPlan], submitted: serving.Submitted, include_usage: bool,
                        start: float) -> AsyncIterator[bytes]:
+    [plan] = plans
     head = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": ctx.config.model.model_id, "system_fingerprint": FINGERPRINT}
     index = {s.request_id: i for i, s in enumerate(submitted.sequences)}
@@ -255,29 +264,14 @@ def _completion_choices(ctx, plans: list[OpenAIPlan], submitted: serving.Submitt
 
 @router.post("/v1/completions", response_model=Completion, responses=ERRORS)
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    ctx = _ctx(request)
-    route = "/v1/completions"
-    ctx.metrics.received(route)
-    start = time.monotonic()
-    try:
-        plans = await ctx.openai.completions(body)
-        submitted = serving.submit(ctx.client, [plan.valid for plan in plans])
-        if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_completion_chunks(ctx, plans, submitted, include_usage, start),
-                                     media_type="text/event-stream", headers=SSE_HEADERS,
-                                     background=BackgroundTask(submitted.abort))
-        finals = await serving.collect(submitted, request)
-    except InferError as e:
-        return _error(ctx, e, route)
-    except serving.ClientGone:
-        return Response(status_code=499)
-    completion_tokens = sum(f.generated_tokens for f in finals.values())
-    ctx.metrics.success(time.monotonic() - start, completion_tokens)
-    return _json({"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion", "created": int(time.time()),
-                  "model": ctx.config.model.model_id, "system_fingerprint": FINGERPRINT,
-                  "choices": _completion_choices(ctx, plans, submitted, finals),
-                  "usage": _usage(sum(len(p.valid.prompt_ids) for p in plans), completion_tokens)})
+    async def translate(ctx):
+        return await ctx.openai.completions(body), body.stream, body.stream_options
+
+    def respond(ctx, plans, submitted, finals) -> dict:
+        return {"id": "cmpl-" + uuid.uuid4().hex, "object": "text_completion",
+                "choices": _completion_choices(ctx, plans, submitted, finals)}
+
+    return await _serve(request, "/v1/completions", translate, _completion_chunks, respond)
 
 
 async def _completion_chunks(ctx, plans: list[OpenAIPlan], submitted: serving.Submitted, include_usage: bool,
