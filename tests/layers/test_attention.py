@@ -41,15 +41,24 @@ def decode_path(request, monkeypatch):
     return request.param
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int) -> torch.Tensor:
-    """Causal attention of q (positions context..) over contiguous k/v: [n, heads * head_dim]."""
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int, sliding_window=None,
+              alibi_slopes=None, logit_softcap=None) -> torch.Tensor:
+    """Causal attention of q (positions context..) over contiguous k/v: [n, heads * head_dim],
+    with the options written out the way their models compute them (eager attention)."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     n, total = q.shape[0], k.shape[0]
-    mask = torch.arange(total)[None, :] <= (context + torch.arange(n))[:, None]
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                       attn_mask=mask, scale=SCALE)
-    return o.transpose(0, 1).reshape(n, -1)
+    query_pos, key_pos = context + torch.arange(n), torch.arange(total)
+    mask = key_pos[None, :] <= query_pos[:, None]
+    if sliding_window is not None:
+        mask &= key_pos[None, :] > query_pos[:, None] - sliding_window
+    scores = (q.transpose(0, 1) @ k.transpose(0, 1).transpose(-1, -2)) * SCALE  # [heads, n, total]
+    if logit_softcap is not None:
+        scores = torch.tanh(scores / logit_softcap) * logit_softcap
+    if alibi_slopes is not None:
+        scores = scores + alibi_slopes[:, None, None] * key_pos[None, None, :]
+    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (weights @ v.transpose(0, 1)).transpose(0, 1).reshape(n, -1)
 
 
 def make_seq(request_id: str, num_tokens: int, computed: int, block_ids: list[int]) -> Sequence:
@@ -60,14 +69,15 @@ def make_seq(request_id: str, num_tokens: int, computed: int, block_ids: list[in
     return seq
 
 
-def run_step(specs, heads, kv_heads, *, seed=0, k_cache=None, v_cache=None):
+def run_step(specs, heads, kv_heads, *, seed=0, k_cache=None, v_cache=None, options=None):
     """specs: (context, new, pending) per sequence, in plan order; pending = prompt tokens left after
     this chunk. Checks every output row and the cache writes; returns (inputs, output, k_cache)."""
+    options = options or {}
     g = torch.Generator().manual_seed(seed)
     shape = (NUM_BLOCKS, BLOCK, kv_heads, HEAD_DIM)
     k_cache = torch.zeros(shape) if k_cache is None else k_cache
     v_cache = torch.zeros(shape) if v_cache is None else v_cache
-    attn = PagedAttention(heads, kv_heads, HEAD_DIM, SCALE)
+    attn = PagedAttention(heads, kv_heads, HEAD_DIM, SCALE, **options)
     attn.bind_cache(k_cache, v_cache)
     free = (torch.randperm(NUM_BLOCKS - 1, generator=g) + 1).tolist()  # never the null block
 
@@ -101,7 +111,7 @@ def run_step(specs, heads, kv_heads, *, seed=0, k_cache=None, v_cache=None):
     for i in order:
         seq, context, q, k, v = data[i]
         n = q.shape[0]
-        torch.testing.assert_close(out[row:row + n], reference(q, k, v, context), rtol=1e-5, atol=1e-5,
+        torch.testing.assert_close(out[row:row + n], reference(q, k, v, context, **options), rtol=1e-5, atol=1e-5,
                                    msg=lambda m: f"sequence {i} (context {context}, new {n}): {m}")
         row += n
         for p in range(context + n):  # every token's K/V sits in its own slot afterwards
@@ -143,6 +153,28 @@ def test_mixed_step_of_decodes_and_prefills_matches_causal_attention(heads, kv_h
     # decodes at rows 0..2 (s1, s3, s4); chunks s0 rows 3-8, s2 9-15, s5 16-18, s6 19-27
     # sampling rows in plan order: s0, s1, s3, s4, s5 (s2 and s6 have prompt tokens left)
     assert inputs.sample_indices.tolist() == [8, 0, 1, 2, 18]
+
+
+ALIBI = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+OPTIONS = {
+    "window-5": {"sliding_window": 5}, "window-1": {"sliding_window": 1}, "alibi": {"alibi_slopes": ALIBI},
+    "softcap": {"logit_softcap": 1.5}, "all": {"sliding_window": 6, "alibi_slopes": ALIBI, "logit_softcap": 2.0},
+}
+SCENARIOS = {
+    "decodes": [(n - 1, 1, 0) for n in (1, 3, 4, 5, 7, 13, 16, 22)],
+    "prefills": [(0, 7, 0), (0, 4, 0), (0, 13, 0), (0, 2, 0)],
+    "chunks": [(4, 5, 3), (3, 9, 0), (8, 2, 0), (1, 16, 7), (6, 3, 0)],
+    "mixed": [(0, 6, 0), (9, 1, 0), (5, 7, 2), (0, 1, 0), (15, 1, 0), (2, 3, 0), (0, 9, 4)],
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4)])
+def test_attention_options_match_their_eager_definition(heads, kv_heads, option, scenario, decode_path):
+    """Sliding window, ALiBi and soft-capping, on decodes, prefills, chunks continuing a cache and
+    mixed steps (the explicit path, whichever decode path is set)."""
+    run_step(SCENARIOS[scenario], heads, kv_heads, seed=5, options=OPTIONS[option])
 
 
 def test_finite_garbage_in_unused_cache_slots_does_not_change_attention():

@@ -206,11 +206,3 @@ def test_unknown_architecture_is_rejected_with_the_supported_list(tmp_path):
     message = str(e.value)
     assert "FalconForCausalLM" in message and "not supported" in message
     assert "LlamaForCausalLM" in message and "MistralForCausalLM" in message
-
-
-def test_sliding_window_shorter_than_max_model_len_is_not_implemented(tmp_path):
-    from transformers import MistralConfig
-
-    MistralConfig(sliding_window=32, architectures=["MistralForCausalLM"]).save_pretrained(tmp_path)
-    with pytest.raises(NotImplementedError, match="sliding-window attention \\(32 tokens\\)"):
-        load_model(str(tmp_path), torch.float32, CPU, MAX_LEN)

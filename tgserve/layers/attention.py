@@ -6,6 +6,11 @@ handed out, so it stays zero, and padded block tables point at it.
 Each step's flat batch puts single-token rows (decodes) first, attended in one batched call (a
 native kernel that walks the block tables on CPU, else block gather + SDPA), then prefill chunks,
 each attended on its own (their lengths differ, and each call is large).
+
+Options models switch on (shared by every architecture that needs them): a sliding window (a query
+sees the `window` most recent keys, itself included), ALiBi (score += slope[head] × key position,
+as BLOOM adds it), and logit soft-capping (score = cap × tanh(score / cap), Gemma 2). With any of
+them, attention takes the explicit path (masks and biases built per step) instead of the kernel.
 """
 
 from __future__ import annotations
@@ -45,9 +50,15 @@ class AttentionInputs:
 class PagedAttention(nn.Module):
     """Writes this step's K/V into the cache, then attends every query to its sequence's keys."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, *,
+                 sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
+                 logit_softcap: float | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.window, self.softcap = sliding_window, logit_softcap
+        # [num_heads] slopes of this rank's heads, float32
+        self.register_buffer("alibi", None if alibi_slopes is None else alibi_slopes.float(), persistent=False)
+        self.plain = sliding_window is None and alibi_slopes is None and logit_softcap is None
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
@@ -77,14 +88,20 @@ class PagedAttention(nn.Module):
         return g.view(rows, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
     def _decode(self, q: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
-        out = cpu_kernels.paged_decode(q, self.k_cache, self.v_cache, attn.decode_block_table,
-                                       attn.decode_seq_lens, self.scale)
-        if out is not None:
-            return out
+        if self.plain:
+            out = cpu_kernels.paged_decode(q, self.k_cache, self.v_cache, attn.decode_block_table,
+                                           attn.decode_seq_lens, self.scale)
+            if out is not None:
+                return out
         d = q.shape[0]
         table = attn.decode_block_table.view(-1)
         keys = self._gather(self.k_cache, table, d)
         values = self._gather(self.v_cache, table, d)
+        if not self.plain:
+            positions = torch.arange(keys.shape[2], device=q.device)  # [keys]
+            query_positions = (attn.decode_seq_lens - 1)[:, None, None, None]  # [decodes, 1, 1, 1]
+            o = self._explicit(q.unsqueeze(2), keys, values, attn.decode_mask, query_positions, positions)
+            return o.squeeze(2)
         o = F.scaled_dot_product_attention(
             q.unsqueeze(2), keys, values, attn_mask=attn.decode_mask, scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
@@ -94,6 +111,18 @@ class PagedAttention(nn.Module):
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
         gqa = self.num_heads != self.num_kv_heads
         q = q.transpose(0, 1).unsqueeze(0)  # [1, heads, length, head_dim]
+        if not self.plain:
+            total = chunk.context_len + chunk.length
+            if chunk.context_len == 0:
+                keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+            else:
+                keys = self._gather(self.k_cache, chunk.block_ids, 1)[:, :, :total]
+                values = self._gather(self.v_cache, chunk.block_ids, 1)[:, :, :total]
+            positions = torch.arange(total, device=q.device)
+            query_positions = (chunk.context_len + torch.arange(chunk.length, device=q.device))[:, None]
+            mask = positions[None, :] <= query_positions  # [length, total] causal
+            o = self._explicit(q, keys, values, mask, query_positions, positions)
+            return o[0].transpose(0, 1)
         if chunk.context_len == 0:
             keys, values = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scale, enable_gqa=gqa)
@@ -103,3 +132,28 @@ class PagedAttention(nn.Module):
             values = self._gather(self.v_cache, chunk.block_ids, 1)[:, :, :total]
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=chunk.mask, scale=self.scale, enable_gqa=gqa)
         return o[0].transpose(0, 1)  # [length, heads, head_dim]
+
+    def _explicit(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                  query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
+        """Attention with the layer's options. q: [b, heads, queries, d]; keys/values: [b, kv_heads,
+        keys, d]; mask: bool, broadcast to [b, heads, queries, keys]; positions broadcast the same way."""
+        if self.window is not None:
+            mask = mask & (key_positions > query_positions - self.window)
+        bias = None
+        if self.alibi is not None:  # slope × key position, as BLOOM adds it (softmax ignores the row offset)
+            bias = self.alibi[:, None, None] * key_positions.to(torch.float32)  # [heads, 1, keys]
+        if self.softcap is None:
+            additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+            if bias is not None:
+                additive = additive + bias.to(q.dtype)
+            return F.scaled_dot_product_attention(q, keys, values, attn_mask=additive, scale=self.scale,
+                                                  enable_gqa=self.num_heads != self.num_kv_heads)
+        repeat = self.num_heads // self.num_kv_heads
+        keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
+        scores = (q @ keys.transpose(-1, -2)) * self.scale
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(values.dtype)
+        return weights @ values

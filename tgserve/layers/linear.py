@@ -78,7 +78,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(in_features, sum(out_sizes), bias, dtype, quant)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        assert isinstance(shard_id, int), "a merged linear loads one part at a time"
+        if shard_id is None:  # the checkpoint already fuses the parts (Phi-3's gate_up_proj)
+            for part, piece in enumerate(loaded.split(self.out_sizes, dim=0)):
+                self.weight_loader(param, piece, part)
+            return
         tp = dist.tp_size()
         local = [n // tp for n in self.out_sizes]
         offset = sum(local[:shard_id])
@@ -95,6 +98,7 @@ class QKVParallelLinear(ColumnParallelLinear):
                  bias: bool = False, dtype: torch.dtype = torch.float32, quant: QuantMethod | None = None):
         tp = dist.tp_size()
         self.head_dim = head_dim
+        self.total_heads, self.total_kv_heads = num_heads, num_kv_heads
         self.num_heads = dist.divide(num_heads, tp, "attention heads")
         if num_kv_heads >= tp:
             self.num_kv_heads = dist.divide(num_kv_heads, tp, "key/value heads")
@@ -108,6 +112,11 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         d = self.head_dim
+        if shard_id is None:  # the checkpoint already fuses q, k and v (Phi-3's qkv_proj)
+            sizes = [self.total_heads * d, self.total_kv_heads * d, self.total_kv_heads * d]
+            for part, piece in zip("qkv", loaded.split(sizes, dim=0)):
+                self.weight_loader(param, piece, part)
+            return
         q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
         if shard_id == "q":
             self._load(param, loaded.narrow(0, dist.tp_rank() * q_size, q_size), 0)

@@ -1,7 +1,12 @@
-"""Llama-family decoder (Llama, Mistral-style configs, SmolLM): only what is unique to it.
+"""Llama-family decoders: Llama 2/3/3.1, Mistral, Qwen2/2.5, Qwen3, Phi-3, SmolLM — only what is
+unique to them.
 
 Pre-norm blocks of rotary self-attention (grouped KV heads) and a SiLU-gated MLP, built from the
 shared tensor-parallel layers. Checkpoint q/k/v and gate/up projections fold into fused parameters.
+The family members differ by a few flags, set as class attributes of their subclasses: biases on
+q/k/v (Qwen2), RMSNorm on each head of q and k (Qwen3), checkpoints that already fuse q/k/v and
+gate/up (Phi-3). Sliding windows come from the config: `layer_types` names each layer's attention
+(Qwen2/3), else `sliding_window` applies to every layer (Mistral, Phi-3).
 """
 
 from __future__ import annotations
@@ -17,25 +22,45 @@ from tgserve.layers.norm import RMSNorm
 from tgserve.layers.position import RotaryEmbedding, rope_frequencies
 
 
+def head_dim_of(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def sliding_windows(cfg) -> list[int | None]:
+    """Each layer's sliding window (None: full attention)."""
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is None:
+        return [window] * cfg.num_hidden_layers
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg, dtype: torch.dtype, rotary: RotaryEmbedding):
+    def __init__(self, cfg, dtype: torch.dtype, rotary: RotaryEmbedding, window: int | None, flags: type):
         super().__init__()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        bias = bool(getattr(cfg, "attention_bias", False))
+        head_dim = head_dim_of(cfg)
+        qkv_bias = flags.qkv_bias or bool(getattr(cfg, "attention_bias", False))
+        o_bias = bool(getattr(cfg, "attention_bias", False))
         self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size, head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, bias, dtype
+            cfg.hidden_size, head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, qkv_bias, dtype
         )
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size, bias, dtype)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size, o_bias, dtype)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = head_dim
         self.rotary = rotary
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5)
+        if flags.qk_norm:
+            self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps, dtype)
+            self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps, dtype)
+        self.qk_norm = flags.qk_norm
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, sliding_window=window)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), attn)
         return self.o_proj(out)
@@ -45,7 +70,7 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg, dtype: torch.dtype):
         super().__init__()
         if cfg.hidden_act != "silu":
-            raise NotImplementedError(f"hidden_act {cfg.hidden_act!r} is not supported for Llama models")
+            raise NotImplementedError(f"hidden_act {cfg.hidden_act!r} is not supported for Llama-family models")
         bias = bool(getattr(cfg, "mlp_bias", False))
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias, dtype)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias, dtype)
@@ -56,10 +81,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg, dtype: torch.dtype, rotary: RotaryEmbedding):
+    def __init__(self, cfg, dtype: torch.dtype, rotary: RotaryEmbedding, window: int | None, flags: type):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(cfg, dtype, rotary)
+        self.self_attn = LlamaAttention(cfg, dtype, rotary, window, flags)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(cfg, dtype)
 
@@ -69,13 +94,15 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg, dtype: torch.dtype):
+    def __init__(self, cfg, dtype: torch.dtype, flags: type):
         super().__init__()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        inv_freq, scaling = rope_frequencies(cfg, head_dim)
+        head_dim = head_dim_of(cfg)
+        factor = (getattr(cfg, "rope_parameters", None) or {}).get("partial_rotary_factor") or 1.0
+        inv_freq, scaling = rope_frequencies(cfg, int(head_dim * factor))
         rotary = RotaryEmbedding(inv_freq, scaling, cfg.max_position_embeddings, dtype)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype, rotary) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype, rotary, window, flags)
+                                    for window in sliding_windows(cfg))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
@@ -95,16 +122,12 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
     ignored_checkpoint_suffixes = ("rotary_emb.inv_freq",)
+    qkv_bias = False  # q/k/v carry a bias even where the config says nothing of it
+    qk_norm = False  # an RMSNorm over each head of q and k, before the rotation
 
     def __init__(self, cfg, dtype: torch.dtype, max_model_len: int):
         super().__init__()
-        window = getattr(cfg, "sliding_window", None)
-        if window is not None and window < max_model_len:
-            raise NotImplementedError(
-                f"sliding-window attention ({window} tokens) is not supported yet: "
-                f"serve with --max-total-tokens <= {window}"
-            )
-        self.model = LlamaModel(cfg, dtype)
+        self.model = LlamaModel(cfg, dtype, type(self))
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
         self.tied = bool(getattr(cfg, "tie_word_embeddings", False))
         if self.tied:
@@ -119,3 +142,15 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the full vocabulary for the rows that sample: [rows, vocab]."""
         return self.lm_head(self.model.norm(hidden))
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    qkv_bias = True
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    qk_norm = True
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    packed_modules: dict = {}  # its checkpoints name qkv_proj and gate_up_proj already fused

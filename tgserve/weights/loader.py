@@ -31,6 +31,11 @@ def _fold(name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, object
 
 
 def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """A model may define `checkpoint_transform(name, tensor)` → [(name, tensor)]: its checkpoint's
+    own layout turned into ours (transposed Conv1D weights, q/k/v interleaved per head, renames)."""
+    transform = getattr(model, "checkpoint_transform", None)
+    if transform is not None:
+        tensors = (pair for name, tensor in tensors for pair in transform(name, tensor))
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules", {})
     ignored: tuple[str, ...] = getattr(model, "ignored_checkpoint_suffixes", ())
     params = dict(model.named_parameters())
