@@ -75,15 +75,19 @@ def test_a_killed_engine_fails_in_flight_requests_and_the_launcher_exits(tiny_ll
 def test_an_engine_that_cannot_load_the_model_is_reported(tmp_path, server_factory):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    folder = str(tmp_path / "gpt2")
+    folder = str(tmp_path / "unknown")
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(folder)
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**config, "architectures": ["NoSuchModelForCausalLM"]}, f)
     from conftest import build_tiny_tokenizer
 
     build_tiny_tokenizer(folder)
     server = server_factory(folder, "--max-total-tokens", "256", "--max-batch-total-tokens", "1024", wait=False)
     assert server.proc.wait(120) == 1
     logs = server.logs()
-    assert "is not supported" in logs and "GPT2LMHeadModel" in logs
+    assert "is not supported" in logs and "NoSuchModelForCausalLM" in logs
     assert "engine process exited with code 1" in logs
 
 
