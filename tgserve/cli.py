@@ -68,7 +68,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the server (API + engine) on a model")
     add_serve_flags(serve, environ)
-    convert = sub.add_parser("convert", help="prepare a model for serving (e.g. convert a GGUF once) and print its folder")
+    convert = sub.add_parser("convert", help="prepare a model for serving (convert a GGUF or a .bin checkpoint to safetensors, "
+                                                "once) and print its folder")
     convert.add_argument("--model-id", default=environ.get("MODEL_ID", ModelConfig.model_id))
     convert.add_argument("--cache-dir", default=environ.get("CACHE_DIR"))
     sub.add_parser("version", help="print the version")

@@ -49,6 +49,11 @@ class Unquantized(QuantMethod):
 
     def after_load(self, layer: nn.Module) -> None:
         layer.packed_weight = _onednn_pack(layer.weight)
+        if layer.packed_weight is not None:
+            # the packed copy is the only one the matmul reads: keeping both would double the
+            # weights' memory (a tied LM head's tensor lives on in the embedding that owns it)
+            del layer.weight
+            layer.weight = None
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         packed = getattr(layer, "packed_weight", None)

@@ -50,7 +50,11 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
         if param is None:
             unexpected.append(name)
             continue
-        getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
+        try:
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
+        except (ValueError, RuntimeError) as e:  # a mis-shaped tensor: name it, never half-load
+            raise CheckpointMismatch(f"checkpoint tensor {name} {tuple(tensor.shape)} does not fit parameter "
+                                     f"{pname} {tuple(param.shape)}: {e}") from e
         loaded[pname] += 1
     missing = []
     for pname in params:

