@@ -78,4 +78,18 @@ def load_model(folder: str, dtype: torch.dtype, device: torch.device, max_model_
         quant = getattr(module, "quant", None)
         if quant is not None:
             quant.after_load(module)
+    _return_freed_memory()
     return model.to(device).eval(), hf_config
+
+
+def _return_freed_memory() -> None:
+    """Repacking freed the loaded copies of the weights; glibc keeps such freed memory in its
+    arenas unless asked to give it back to the system."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        pass
