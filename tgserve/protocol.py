@@ -97,6 +97,7 @@ class Ready(msgspec.Struct, frozen=True, tag=True, array_like=True):
     max_batch_total_tokens: int
     dtype: str
     device: str
+    implementation: str = "native"  # or "transformers": the fallback serves the architecture
 
 
 class EngineFailed(msgspec.Struct, frozen=True, tag=True, array_like=True):

@@ -73,14 +73,13 @@ def test_a_killed_engine_fails_in_flight_requests_and_the_launcher_exits(tiny_ll
 
 
 def test_an_engine_that_cannot_load_the_model_is_reported(tmp_path, server_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """Neither path serves it: no native class, and transformers has no causal LM for a ViT."""
+    from transformers import ViTConfig
 
     folder = str(tmp_path / "unknown")
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(folder)
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({**config, "architectures": ["NoSuchModelForCausalLM"]}, f)
+    ViTConfig(architectures=["NoSuchModelForCausalLM"]).save_pretrained(folder)
+    with open(os.path.join(folder, "model.safetensors"), "wb") as f:  # a folder that looks like a model
+        f.write(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
     from conftest import build_tiny_tokenizer
 
     build_tiny_tokenizer(folder)
@@ -88,6 +87,7 @@ def test_an_engine_that_cannot_load_the_model_is_reported(tmp_path, server_facto
     assert server.proc.wait(120) == 1
     logs = server.logs()
     assert "is not supported" in logs and "NoSuchModelForCausalLM" in logs
+    assert "transformers cannot load it as a causal LM either" in logs
     assert "engine process exited with code 1" in logs
 
 

@@ -227,6 +227,7 @@ async def info(request: Request) -> Response:
         "validation_workers": cfg.server.validation_workers,
         "max_client_batch_size": cfg.server.max_client_batch_size,
         "router": "tgserve", "version": __version__, "sha": None, "docker_label": None,
+        "model_implementation": ready.implementation if ready else None,
     })
 
 

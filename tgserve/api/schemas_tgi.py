@@ -143,6 +143,7 @@ class Info(BaseModel):
     version: str
     sha: str | None
     docker_label: str | None
+    model_implementation: Literal["native", "transformers"] | None  # which path serves the model
 
 
 class TokenizedToken(BaseModel):

@@ -17,13 +17,15 @@ import zmq
 from tgserve import hardware
 from tgserve.config import Config
 from tgserve.engine.kv_cache import KVCacheManager
-from tgserve.engine.runner import ModelRunner, plan_num_blocks
+from tgserve.engine import fallback
+from tgserve.engine.runner import ModelRunner, kv_bytes_per_token, plan_num_blocks
 from tgserve.engine.scheduler import Scheduler
 from tgserve.params import SamplingParams, StoppingParams
 from tgserve.process import become_child
 from tgserve.sampling.sampler import SampledTokens, Sampler
 from tgserve.protocol import (Abort, AddRequest, EngineFailed, Ready, SeqOutput, Shutdown, StepOutputs, ToApi,
                               ToEngine, decode_to_engine, encode, to_api_address, to_engine_address)
+from tgserve.models.registry import UnsupportedModel
 from tgserve.weights.loader import load_model
 
 log = logging.getLogger("tgserve.engine")
@@ -128,10 +130,22 @@ def create_engine(config: Config) -> tuple[EngineCore, Ready]:
     dtype_name = config.model.dtype or hardware.default_dtype(device.type)
     dtype = hardware.TORCH_DTYPES[dtype_name]
     max_total = config.server.max_total_tokens
-    model, hf_config = load_model(config.model.path, dtype, device, max_total)
+    try:
+        model, hf_config = load_model(config.model.path, dtype, device, max_total)
+        implementation, bytes_per_token = "native", kv_bytes_per_token(model, dtype)
+    except UnsupportedModel as unsupported:
+        from transformers import AutoConfig
+
+        hf_config = AutoConfig.from_pretrained(config.model.path)
+        if not fallback.supports(hf_config):
+            raise UnsupportedModel(f"{unsupported}; transformers cannot load it as a causal LM either") from None
+        model, implementation = None, "transformers"
+        bytes_per_token = fallback.kv_bytes_per_token(hf_config, dtype)
+    log.info("%s serves %s", "our own implementation" if model is not None else "the transformers fallback",
+             getattr(hf_config, "architectures", None))
     block_size = config.cache.block_size
     fraction = 0.8 if device.type == "cuda" else 0.2
-    num_blocks = plan_num_blocks(model, dtype, block_size, config.cache.max_batch_total_tokens,
+    num_blocks = plan_num_blocks(bytes_per_token, block_size, config.cache.max_batch_total_tokens,
                                  hardware.available_memory_bytes(device.type), fraction)
     if (num_blocks - 1) * block_size < max_total:
         raise ValueError(f"the KV cache holds {(num_blocks - 1) * block_size} tokens, "
@@ -139,13 +153,17 @@ def create_engine(config: Config) -> tuple[EngineCore, Ready]:
     sampler = Sampler(hf_config.vocab_size, device, grammar=_grammar_backend(config.model.path, hf_config.vocab_size),
                       watermark_gamma=config.sampling.watermark_gamma,
                       watermark_delta=config.sampling.watermark_delta)
-    runner = ModelRunner(model, num_blocks, block_size, dtype, device, sampler)
+    if model is not None:
+        runner = ModelRunner(model, num_blocks, block_size, dtype, device, sampler)
+    else:
+        runner = fallback.FallbackRunner(config.model.path, dtype, device, sampler)
     scheduler = Scheduler(config.scheduler, KVCacheManager(num_blocks, block_size),
                           hf_config.max_position_embeddings)
     core = EngineCore(scheduler, runner)
     core.warmup()
     ready = Ready(num_blocks=num_blocks - 1, block_size=block_size,
-                  max_batch_total_tokens=(num_blocks - 1) * block_size, dtype=dtype_name, device=device.type)
+                  max_batch_total_tokens=(num_blocks - 1) * block_size, dtype=dtype_name, device=device.type,
+                  implementation=implementation)
     return core, ready
 
 

@@ -31,11 +31,11 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     return len(layers) * 2 * first.num_kv_heads * first.head_dim * torch.finfo(dtype).bits // 8
 
 
-def plan_num_blocks(model: nn.Module, dtype: torch.dtype, block_size: int, max_batch_total_tokens: int | None,
+def plan_num_blocks(bytes_per_token: int, block_size: int, max_batch_total_tokens: int | None,
                     available_bytes: int, memory_fraction: float) -> int:
     """Blocks for the requested token capacity, or for what fits in a fraction of free memory."""
     if max_batch_total_tokens is None:
-        tokens = int(available_bytes * memory_fraction) // kv_bytes_per_token(model, dtype)
+        tokens = int(available_bytes * memory_fraction) // bytes_per_token
         max_batch_total_tokens = min(tokens, MAX_AUTO_KV_TOKENS)
     return max_batch_total_tokens // block_size + 1  # + the null block
 
