@@ -81,12 +81,13 @@ class LearnedPositions(nn.Module):
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
     """ALiBi's per-head slopes (Press et al.; BLOOM's layout for a head count that is not a power
-    of two), for this rank's heads."""
+    of two), computed in float32 powers as transformers computes them, for this rank's heads."""
     closest = 2 ** math.floor(math.log2(num_heads))
-    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
-    slopes = [base ** (i + 1) for i in range(closest)]
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
     if closest != num_heads:
-        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
-        slopes += [extra ** (i + 1) for i in range(0, 2 * (num_heads - closest), 2)]
+        extra = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+        remaining = min(closest, num_heads - closest)
+        slopes = torch.cat([slopes, torch.pow(extra, torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.int32))])
     local = dist.divide(num_heads, dist.tp_size(), "attention heads")
-    return torch.tensor(slopes, dtype=torch.float32)[dist.tp_rank() * local:(dist.tp_rank() + 1) * local]
+    return slopes[dist.tp_rank() * local:(dist.tp_rank() + 1) * local]
