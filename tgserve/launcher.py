@@ -36,6 +36,18 @@ DEFAULT_MAX_TOTAL_TOKENS = 4096
 ENGINE_STOP_SECONDS = 10
 
 
+# the names configs give their longest sequence (GPT-2: n_positions; ALiBi / relative models: none)
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def max_positions_of(config: dict) -> int | None:
+    """The model's position limit from its config.json, or None when it has none (ALiBi, T5)."""
+    for sub in ("text_config",):  # multimodal wrappers keep the text model's settings apart
+        if isinstance(config.get(sub), dict):
+            config = {**config[sub], **config}
+    return next((config[k] for k in _POSITION_KEYS if isinstance(config.get(k), int)), None)
+
+
 def resolve(config: Config) -> Config:
     """Fill in every default that depends on the model or the machine."""
     path = locate_model(config.model)
@@ -44,7 +56,7 @@ def resolve(config: Config) -> Config:
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {DTYPES}, not {dtype!r}")
     with open(os.path.join(path, "config.json")) as f:
-        max_positions = json.load(f).get("max_position_embeddings") or DEFAULT_MAX_TOTAL_TOKENS
+        max_positions = max_positions_of(json.load(f)) or DEFAULT_MAX_TOTAL_TOKENS
     server = config.server
     max_total = server.max_total_tokens or min(max_positions, DEFAULT_MAX_TOTAL_TOKENS)
     if max_total > max_positions:

@@ -98,6 +98,7 @@ class Ready(msgspec.Struct, frozen=True, tag=True, array_like=True):
     dtype: str
     device: str
     implementation: str = "native"  # or "transformers": the fallback serves the architecture
+    encoder_decoder: bool = False  # the prompt feeds an encoder; generated text follows no prompt
 
 
 class EngineFailed(msgspec.Struct, frozen=True, tag=True, array_like=True):

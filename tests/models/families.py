@@ -56,15 +56,17 @@ def prompts(vocab_size: int, lengths=LENGTHS, seed: int = 0) -> list[list[int]]:
 
 
 def transformers_greedy(folder: str, batch: list[list[int]], n: int) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
+    """Each prompt's greedy continuation (an encoder-decoder's: the decoder's tokens after its start)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    seq2seq = AutoConfig.from_pretrained(folder).is_encoder_decoder
+    hf = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(folder, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # like ignore_eos: EOS is a token like any other
     out = []
     for p in batch:
         with torch.inference_mode():
             ids = hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        out.append(ids[0, len(p):].tolist())
+        out.append(ids[0, 1:].tolist() if seq2seq else ids[0, len(p):].tolist())
     return out
 
 
@@ -79,8 +81,9 @@ def engine_greedy(folder: str, batch: list[list[int]], n: int, budget: int, toge
     from tgserve.protocol import AddRequest
 
     model, _ = load_model(folder, torch.float32, CPU, max_len)
+    decoder_start = model.decoder_start_token_id if getattr(model, "is_encoder_decoder", False) else None
     scheduler = Scheduler(SchedulerConfig(max_batch_prefill_tokens=budget),
-                          KVCacheManager(num_blocks, block_size), max_len)
+                          KVCacheManager(num_blocks, block_size), max_len, decoder_start)
     engine = EngineCore(scheduler, ModelRunner(model, num_blocks, block_size, torch.float32, CPU))
     tokens: dict[str, list[int]] = {}
 

@@ -78,8 +78,9 @@ class EngineClient:
 
     def _submit(self, valid: ValidRequest, events: EventQueue) -> RequestState:
         group = str(next(self._ids))
-        state = RequestState(group, valid, self.tokenizer, events)
-        state.siblings = [RequestState(f"{group}.{k}", valid, self.tokenizer, events, seed=seed)
+        follows = not (self.ready is not None and self.ready.encoder_decoder)
+        state = RequestState(group, valid, self.tokenizer, events, follows_prompt=follows)
+        state.siblings = [RequestState(f"{group}.{k}", valid, self.tokenizer, events, seed=seed, follows_prompt=follows)
                           for k, seed in enumerate(valid.sibling_seeds, start=1)]
         for s in (state, *state.siblings):
             self.states[s.request_id] = s

@@ -50,10 +50,12 @@ class RequestState:
 
     __slots__ = ("request_id", "valid", "seed", "generated_ids", "tokens", "top_tokens", "prefill_logprobs",
                  "siblings", "detok", "stop", "events", "created", "first_token_at", "finished_at", "final",
-                 "error")
+                 "error", "context_ids")
 
     def __init__(self, request_id: str, valid: ValidRequest, tokenizer: Tokenizer, events: "EventQueue",
-                 seed: int | None = None):
+                 seed: int | None = None, follows_prompt: bool = True):
+        """`follows_prompt`: the generated text continues the prompt (False for an encoder-decoder,
+        whose prompt is the encoder's input)."""
         self.request_id = request_id
         self.valid = valid
         self.seed = valid.seed if seed is None else seed
@@ -62,7 +64,8 @@ class RequestState:
         self.top_tokens: list[list[Token]] = []  # one list per generated token, with top_n_tokens
         self.prefill_logprobs: list[float] = []  # prompt tokens 1.. (decoder_input_details)
         self.siblings: list[RequestState] = []
-        self.detok = IncrementalDetokenizer(tokenizer, valid.prompt_ids)
+        self.context_ids = valid.prompt_ids if follows_prompt else []  # what the first token is decoded after
+        self.detok = IncrementalDetokenizer(tokenizer, self.context_ids)
         stops = valid.stopping.stop_sequences
         self.stop = StopMatcher(stops) if stops else None
         self.events = events  # shared by every sequence one HTTP request asked for
@@ -113,7 +116,7 @@ def process_step(step: StepOutputs, states: dict[str, RequestState], tokenizer: 
             final = None
             if reason is not None:
                 final = FinalResult(
-                    generated_text=tokenizer.decode_generated(state.valid.prompt_ids, state.generated_ids),
+                    generated_text=tokenizer.decode_generated(state.context_ids, state.generated_ids),
                     finish_reason=reason, generated_tokens=len(state.generated_ids), seed=state.seed,
                 )
                 state.final, state.finished_at = final, now

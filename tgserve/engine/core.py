@@ -157,13 +157,14 @@ def create_engine(config: Config) -> tuple[EngineCore, Ready]:
         runner = ModelRunner(model, num_blocks, block_size, dtype, device, sampler)
     else:
         runner = fallback.FallbackRunner(config.model.path, dtype, device, sampler)
+    decoder_start = getattr(model, "decoder_start_token_id", None) if model is not None else None
     scheduler = Scheduler(config.scheduler, KVCacheManager(num_blocks, block_size),
-                          hf_config.max_position_embeddings)
+                          getattr(hf_config, "max_position_embeddings", None) or max_total, decoder_start)
     core = EngineCore(scheduler, runner)
     core.warmup()
     ready = Ready(num_blocks=num_blocks - 1, block_size=block_size,
                   max_batch_total_tokens=(num_blocks - 1) * block_size, dtype=dtype_name, device=device.type,
-                  implementation=implementation)
+                  implementation=implementation, encoder_decoder=decoder_start is not None)
     return core, ready
 
 

@@ -13,6 +13,7 @@ import torch
 
 from tgserve.engine.scheduler import ScheduledSeq, StepPlan
 from tgserve.layers.attention import NULL_BLOCK, AttentionInputs, PrefillChunk
+from tgserve.layers.cross_attention import CrossInputs, EncoderBatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +23,7 @@ class BatchInputs:
     attn: AttentionInputs
     sample_indices: torch.Tensor  # [num_sampling] flat index of each sampling row's last token, plan order
     starts: list[int]  # flat index of the first token of each scheduled sequence, plan order
+    cross: CrossInputs | None = None  # encoder-decoder models only
 
 
 def _slots(block_ids: list[int], start: int, stop: int, block_size: int) -> np.ndarray:
@@ -70,7 +72,35 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Batch
         ),
         sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=device),
         starts=[first_index[id(s)] for s in plan.scheduled],
+        cross=_cross(plan, decodes, prefills, block_size, device),
     )
+
+
+def _cross(plan: StepPlan, decodes: list[ScheduledSeq], prefills: list[ScheduledSeq], block_size: int,
+           device: torch.device) -> CrossInputs | None:
+    """Cross-attention metadata (decode rows, then chunks, in the flat order) and the encoder's inputs."""
+    if not any(s.seq.encoder_ids is not None for s in plan.scheduled):
+        return None
+    table = lens = mask = None
+    if decodes:
+        lengths = np.array([len(s.seq.encoder_ids) for s in decodes], dtype=np.int64)
+        max_blocks = int(-(-lengths.max() // block_size))
+        rows = np.full((len(decodes), max_blocks), NULL_BLOCK, dtype=np.int64)
+        for row, s in enumerate(decodes):
+            rows[row, :len(s.seq.cross_block_ids)] = s.seq.cross_block_ids
+        keys = np.arange(max_blocks * block_size)[None, :] < lengths[:, None]
+        table, lens = torch.from_numpy(rows).to(device), torch.from_numpy(lengths).to(device)
+        mask = torch.from_numpy(keys).to(device)[:, None, None, :]
+    chunks = tuple((torch.tensor(s.seq.cross_block_ids, dtype=torch.long, device=device), len(s.seq.encoder_ids))
+                   for s in prefills)
+    encoding = [s.seq for s in plan.scheduled if s.encodes]
+    encode = None
+    if encoding:
+        ids = [t for seq in encoding for t in seq.encoder_ids]
+        slots = np.concatenate([_slots(seq.cross_block_ids, 0, len(seq.encoder_ids), block_size) for seq in encoding])
+        encode = EncoderBatch(torch.tensor(ids, dtype=torch.long, device=device),
+                              [len(seq.encoder_ids) for seq in encoding], torch.from_numpy(slots).to(device))
+    return CrossInputs(table, lens, mask, chunks, encode)
 
 
 def _decode_table(decodes: list[ScheduledSeq], block_size: int,

@@ -94,10 +94,26 @@ class KVCacheManager:
         return True
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
-        """`child` holds every block of `parent` (its computed prompt), shared until written."""
+        """`child` holds every block of `parent` (its computed prompt, its cross-attention K/V),
+        shared until written (cross blocks are never written again)."""
         assert not child.block_ids
         self.pool.share(parent.block_ids)
         child.block_ids = list(parent.block_ids)
+        self.pool.share(parent.cross_block_ids)
+        child.cross_block_ids = list(parent.cross_block_ids)
+
+    def cross_blocks_needed(self, seq: Sequence) -> int:
+        """Blocks an encoder-decoder sequence still needs for its encoder's K/V."""
+        if seq.encoder_ids is None:
+            return 0
+        return max(0, -(-len(seq.encoder_ids) // self.block_size) - len(seq.cross_block_ids))
+
+    def allocate_cross(self, seq: Sequence) -> bool:
+        need = self.cross_blocks_needed(seq)
+        if need > self.pool.num_free:
+            return False
+        seq.cross_block_ids.extend(self.pool.allocate(need))
+        return True
 
     def take_copies(self) -> list[tuple[int, int]]:
         """The block copies the next forward pass needs: one per destination (the latest), and
@@ -108,4 +124,6 @@ class KVCacheManager:
 
     def free(self, seq: Sequence) -> None:
         self.pool.free(seq.block_ids)
-        seq.block_ids = []
+        self.pool.free(seq.cross_block_ids)
+        seq.block_ids, seq.cross_block_ids = [], []
+        seq.encoded = False

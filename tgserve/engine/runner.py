@@ -68,7 +68,12 @@ class ModelRunner:
         inputs = build_inputs(plan, self.block_size, self.device)
         seqs = plan.sample_seqs
         prepared = self.sampler.prepare(seqs) if seqs else None  # grammar masks start computing now
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)  # [tokens, hidden]
+        if inputs.cross is not None:  # an encoder-decoder: encode the new requests, then decode
+            if inputs.cross.encode is not None:
+                self.model.encode(inputs.cross.encode)
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, inputs.cross)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)  # [tokens, hidden]
         prompt_logprobs = self._prompt_logprobs(plan, inputs, hidden)
         if prepared is None:
             return SampledTokens([], [], prompt_logprobs=prompt_logprobs)

@@ -31,6 +31,7 @@ class ScheduledSeq:
     num_tokens: int  # tokens computed for this sequence in this step
     samples: bool  # whether the step ends with a new token for it
     forks: tuple[Sequence, ...] = ()  # siblings forked in this step: they sample from seq's last row
+    encodes: bool = False  # run the encoder on seq's encoder input first, writing its cross blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +53,9 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 decoder_start: int | None = None):
+        """`decoder_start`: the model is an encoder-decoder whose decoder begins with this token."""
         if config.max_batch_prefill_tokens is None:
             raise ValueError("max_batch_prefill_tokens must be resolved before the scheduler starts")
         self.step_tokens = config.max_batch_prefill_tokens
@@ -62,6 +65,7 @@ class Scheduler:
         self.max_waiting_tokens = config.max_waiting_tokens
         self.kv = kv
         self.max_model_len = max_model_len
+        self.decoder_start = decoder_start
         self.watermark_blocks = max(1, kv.pool.num_usable // 100)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -73,7 +77,7 @@ class Scheduler:
     # ---- requests in and out ------------------------------------------------------------------
 
     def add(self, request: AddRequest) -> None:
-        seq = Sequence(request)
+        seq = Sequence(request, self.decoder_start)
         self._by_id[seq.request_id] = seq
         self.waiting.append(seq)
 
@@ -133,8 +137,9 @@ class Scheduler:
 
     def _scheduled(self, seq: Sequence, n: int) -> ScheduledSeq:
         samples = seq.num_computed_tokens + n == seq.num_tokens
+        encodes = seq.encoder_ids is not None and not seq.encoded
         if not (samples and seq.siblings):
-            return ScheduledSeq(seq, n, samples)
+            return ScheduledSeq(seq, n, samples, encodes=encodes)
         forks = []
         for sibling in seq.siblings:  # the prompt is complete after this step: fork it
             child = seq.fork(sibling)
@@ -143,7 +148,7 @@ class Scheduler:
             forks.append(child)
         seq.siblings = []
         self._new_forks.extend(forks)
-        return ScheduledSeq(seq, n, samples, tuple(forks))
+        return ScheduledSeq(seq, n, samples, tuple(forks), encodes)
 
     @staticmethod
     def _group_ids(seq: Sequence) -> list[str]:
@@ -164,23 +169,27 @@ class Scheduler:
             seq = self.waiting[0]
             if self.running and len(self.running) + 1 + len(seq.siblings) > self.max_running:
                 break  # its siblings will run too: wait until there is room for all of them
-            n = min(seq.num_uncomputed_tokens, budget)
+            # an encoder runs whole, in the step that admits its sequence: its tokens count against
+            # the budget and may overrun what is left of it (it cannot be chunked; it never waits)
+            encoder = len(seq.encoder_ids) if seq.encoder_ids is not None and not seq.encoded else 0
+            n = min(seq.num_uncomputed_tokens, max(budget - encoder, 1))
             # keep a few blocks back for the running decodes, unless nothing runs
             reserve = self.watermark_blocks if self.running else 0
-            need = self.kv.blocks_needed(seq, n)
+            need = self.kv.blocks_needed(seq, n) + self.kv.cross_blocks_needed(seq)
             if need > self.kv.pool.num_usable:  # not even an empty cache holds this chunk
                 rejected.extend(self._group_ids(seq))
                 self._finish(seq)
                 continue
             if not self.kv.can_allocate(need, reserve):
                 break  # strictly FIFO: nobody overtakes the head of the queue
+            self.kv.allocate_cross(seq)
             self.kv.allocate(seq, n)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append(self._scheduled(seq, n))
-            budget -= n
-        return budget
+            budget -= n + encoder
+        return max(budget, 0)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -194,7 +203,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
-        if seq.block_ids:
+        if seq.block_ids or seq.cross_block_ids:
             self.kv.free(seq)
         seq.status = SequenceStatus.FINISHED
         self._by_id.pop(seq.request_id, None)
@@ -209,6 +218,7 @@ class Scheduler:
         for index, item in enumerate(plan.scheduled):
             seq = item.seq
             seq.num_computed_tokens += item.num_tokens
+            seq.encoded = seq.encoded or item.encodes
             prompt_logprobs = sampled.prompt_logprobs.get(index, [])
             seq.num_prompt_logprobs += len(prompt_logprobs)
             if not item.samples:

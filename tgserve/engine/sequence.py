@@ -1,4 +1,9 @@
-"""One request's life inside the engine: its tokens, how many are computed, and its KV blocks."""
+"""One request's life inside the engine: its tokens, how many are computed, and its KV blocks.
+
+For an encoder-decoder model the prompt is the encoder's input: the sequence's own tokens start
+with the decoder's start token, and the encoder's output lives as cross-attention K/V in blocks of
+the sequence's own (`cross_block_ids`), written once when the sequence is first scheduled.
+"""
 
 from __future__ import annotations
 
@@ -23,12 +28,18 @@ class Sequence:
     __slots__ = (
         "request_id", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_ids",
         "sampling", "stopping", "status", "arrival_time", "siblings", "num_prompt_logprobs",
+        "encoder_ids", "cross_block_ids", "encoded",
     )
 
-    def __init__(self, request: AddRequest):
+    def __init__(self, request: AddRequest, decoder_start: int | None = None):
         self.request_id = request.request_id
-        self.token_ids: list[int] = list(request.prompt_ids) + list(request.generated_ids)
-        self.num_prompt_tokens = len(request.prompt_ids)
+        # encoder-decoder: the prompt feeds the encoder; the decoder begins at its start token
+        self.encoder_ids: list[int] | None = list(request.prompt_ids) if decoder_start is not None else None
+        first = [decoder_start] if decoder_start is not None else list(request.prompt_ids)
+        self.token_ids: list[int] = first + list(request.generated_ids)
+        self.num_prompt_tokens = len(first)
+        self.cross_block_ids: list[int] = []
+        self.encoded = False  # its cross-attention K/V are in its cross blocks
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
         self.sampling: SamplingParams = request.sampling
@@ -55,6 +66,9 @@ class Sequence:
         child.arrival_time = self.arrival_time
         child.siblings = []
         child.num_prompt_logprobs = self.num_prompt_tokens
+        child.encoder_ids = self.encoder_ids
+        child.cross_block_ids = []
+        child.encoded = True  # it shares the parent's cross blocks, written in the step that forks it
         return child
 
     @property

@@ -9,8 +9,9 @@ each attended on its own (their lengths differ, and each call is large).
 
 Options models switch on (shared by every architecture that needs them): a sliding window (a query
 sees the `window` most recent keys, itself included), ALiBi (score += slope[head] × key position,
-as BLOOM adds it), and logit soft-capping (score = cap × tanh(score / cap), Gemma 2). With any of
-them, attention takes the explicit path (masks and biases built per step) instead of the kernel.
+as BLOOM adds it), logit soft-capping (score = cap × tanh(score / cap), Gemma 2), and a learned
+relative position bias (T5). With any of them, attention takes the explicit path (masks and
+biases built per step) instead of the kernel.
 """
 
 from __future__ import annotations
@@ -52,13 +53,17 @@ class PagedAttention(nn.Module):
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, *,
                  sliding_window: int | None = None, alibi_slopes: torch.Tensor | None = None,
-                 logit_softcap: float | None = None):
+                 logit_softcap: float | None = None, position_bias: nn.Module | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
         self.window, self.softcap = sliding_window, logit_softcap
         # [num_heads] slopes of this rank's heads, float32
         self.register_buffer("alibi", None if alibi_slopes is None else alibi_slopes.float(), persistent=False)
-        self.plain = sliding_window is None and alibi_slopes is None and logit_softcap is None
+        # a module (query positions, key positions) → additive bias broadcast to [b, heads, queries,
+        # keys] (T5's bucketed relative positions); kept out of this module's parameters (it is shared)
+        self._position_bias = [position_bias] if position_bias is not None else []
+        self.plain = (sliding_window is None and alibi_slopes is None and logit_softcap is None
+                      and position_bias is None)
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
@@ -142,6 +147,9 @@ class PagedAttention(nn.Module):
         bias = None
         if self.alibi is not None:  # slope × key position, as BLOOM adds it (softmax ignores the row offset)
             bias = self.alibi[:, None, None] * key_positions.to(torch.float32)  # [heads, 1, keys]
+        if self._position_bias:
+            relative = self._position_bias[0](query_positions, key_positions)
+            bias = relative if bias is None else bias + relative
         if self.softcap is None:
             additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
             if bias is not None:
