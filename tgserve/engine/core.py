@@ -157,7 +157,8 @@ def create_engine(config: Config) -> tuple[EngineCore, Ready]:
         runner = ModelRunner(model, num_blocks, block_size, dtype, device, sampler)
     else:
         runner = fallback.FallbackRunner(config.model.path, dtype, device, sampler)
-    decoder_start = getattr(model, "decoder_start_token_id", None) if model is not None else None
+    # an encoder-decoder (native or fallback) names its decoder's start token
+    decoder_start = getattr(model if model is not None else runner, "decoder_start_token_id", None)
     scheduler = Scheduler(config.scheduler, KVCacheManager(num_blocks, block_size),
                           getattr(hf_config, "max_position_embeddings", None) or max_total, decoder_start)
     core = EngineCore(scheduler, runner)
