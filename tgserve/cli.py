@@ -84,13 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     if args.command == "convert":
+        from tgserve.config import ConfigError
         from tgserve.process import setup_logging
         from tgserve.weights.locate import ModelNotFound, locate_model
 
         setup_logging(False)
         try:
             print(locate_model(ModelConfig(model_id=args.model_id, cache_dir=args.cache_dir)))
-        except ModelNotFound as e:
+        except (ModelNotFound, ConfigError) as e:  # no model there, or one that cannot be converted
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
