@@ -178,3 +178,18 @@ def tiny_server(tiny_llama_dir, server_factory) -> ServerProcess:
 def smollm2_server(smollm2_dir, server_factory) -> ServerProcess:
     """The real default model in float32 (the dtype transformers is compared in)."""
     return server_factory(smollm2_dir, "--dtype", "float32", "--max-batch-total-tokens", "16384")
+
+
+# ---- tensor-parallel test ranks -------------------------------------------------------------------
+
+
+def run_ranks(worker, args: tuple, nprocs: int = 2, timeout: float = 300) -> None:
+    """Run `worker(rank, *args)` in `nprocs` spawned processes (a port for their rendezvous is the
+    worker's business); a wedged collective fails the test instead of blocking it."""
+    ctx = torch.multiprocessing.spawn(worker, args=args, nprocs=nprocs, join=False)
+    for _ in range(int(timeout // 5)):
+        if ctx.join(timeout=5):
+            return
+    for p in ctx.processes:
+        p.kill()
+    pytest.fail(f"tensor-parallel workers did not finish within {timeout:.0f} s")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from tgserve import distributed
+from conftest import run_ranks
 from tgserve.layers.moe import (FusedMoE, expert_packed_modules, expert_tensors, grouped_matmul,
                                 matmul_per_expert, route)
 
@@ -154,14 +155,7 @@ def test_tensor_parallel_split_of_the_intermediate_dim_equals_unsharded(tmp_path
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = torch.multiprocessing.spawn(_tp_worker, args=(port, str(tmp_path)), nprocs=TP, join=False)
-    for _ in range(24):  # a hang guard: a wedged collective fails the test instead of blocking it
-        if ctx.join(timeout=5):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("tensor-parallel workers hung")
+    run_ranks(_tp_worker, (port, str(tmp_path)), TP)
     x = torch.randn(29, HIDDEN, generator=torch.Generator().manual_seed(7))
     for rank in range(TP):
         results = torch.load(tmp_path / f"rank{rank}.pt")

@@ -30,7 +30,7 @@ from tgserve.params import SamplingParams, StoppingParams
 from tgserve.protocol import AddRequest
 from tgserve.weights.loader import load_model
 
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, run_ranks
 
 TP = 2
 CPU = torch.device("cpu")
@@ -192,14 +192,7 @@ def tp_results(tmp_path_factory):
     folders = {name: build_tiny_llama(str(root / name), **cfg) for name, cfg in MODELS.items()}
     for folder in folders.values():
         sharpen_checkpoint(folder)
-    ctx = torch.multiprocessing.spawn(_worker, args=(_free_port(), folders, str(root)), nprocs=TP, join=False)
-    for _ in range(60):  # a hang guard: a wedged collective fails the module instead of blocking it
-        if ctx.join(timeout=5):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("tensor-parallel workers did not finish within 5 minutes")
+    run_ranks(_worker, (_free_port(), folders, str(root)), TP)
     ranks = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(TP)]
     single = {name: model_outputs(folder) for name, folder in folders.items()}  # tp = 1, this process
     return ranks, single

@@ -135,3 +135,14 @@ def check_served(server, folder: str, n: int = 8) -> None:
 
     with ThreadPoolExecutor(len(texts)) as pool:
         assert list(pool.map(ask, texts)) == expected
+
+
+def serve_and_check(server_factory, folder: str, *args: str) -> None:
+    """Start `tgserve serve` on the folder (the tiny server's limits), check_served, stop it."""
+    from conftest import TINY_SERVER_ARGS
+
+    server = server_factory(folder, *TINY_SERVER_ARGS, *args)
+    try:
+        check_served(server, folder)
+    finally:
+        server.stop()

@@ -12,8 +12,8 @@ import traceback
 import pytest
 import torch
 
-from conftest import TINY_SERVER_ARGS
-from models.families import CPU, LENGTHS, build, check_greedy, check_served, engine_greedy, prompts
+from models.families import CPU, LENGTHS, build, check_greedy, engine_greedy, prompts, serve_and_check
+from conftest import run_ranks
 
 TINY = dict(vocab_size=400, hidden_size=64, eos_token_id=0, bos_token_id=1, pad_token_id=1)
 # BLOOM's residual stream carries the LayerNorm'd embedding; with transformers' 0.02 init the tied
@@ -182,14 +182,7 @@ def tp2_results(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = torch.multiprocessing.spawn(_tp_worker, args=(port, folders, str(root)), nprocs=TP, join=False)
-    for _ in range(60):  # a hang guard: a wedged collective fails the test instead of blocking it
-        if ctx.join(timeout=5):
-            break
-    else:
-        for p in ctx.processes:
-            p.kill()
-        pytest.fail("tensor-parallel workers did not finish within 5 minutes")
+    run_ranks(_tp_worker, (port, folders, str(root)), TP)
     ranks = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(TP)]
     return ranks, {name: tp_outputs(folder) for name, folder in folders.items()}
 
@@ -209,9 +202,5 @@ def test_sharded_at_tp2_equals_tp1(tp2_results, name):
 
 @pytest.mark.slow
 def test_served_through_tgserve(family, server_factory):
-    name, folder = family
-    server = server_factory(folder, *TINY_SERVER_ARGS)
-    try:
-        check_served(server, folder)
-    finally:
-        server.stop()
+    _, folder = family
+    serve_and_check(server_factory, folder)

@@ -11,8 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import TINY_SERVER_ARGS
-from models.families import build, check_greedy, check_served
+from models.families import build, check_greedy, serve_and_check
 
 # max_position_embeddings covers the tiny server's --max-total-tokens 512
 OPT_TINY = dict(vocab_size=400, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
@@ -134,8 +133,4 @@ def test_gpt2_refuses_attention_variants_it_does_not_implement():
 @pytest.mark.slow
 def test_served_through_tgserve(family, server_factory):
     _, folder = family
-    server = server_factory(folder, *TINY_SERVER_ARGS)
-    try:
-        check_served(server, folder)
-    finally:
-        server.stop()
+    serve_and_check(server_factory, folder)

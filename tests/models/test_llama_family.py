@@ -8,8 +8,7 @@ import os
 
 import pytest
 
-from conftest import TINY_SERVER_ARGS
-from models.families import MAX_LEN, build, check_greedy, check_served
+from models.families import build, check_greedy, serve_and_check
 
 TINY = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=0)
@@ -76,9 +75,5 @@ def test_mistral_generates_past_its_window(family):
 
 @pytest.mark.slow
 def test_served_through_tgserve(family, server_factory):
-    name, folder = family
-    server = server_factory(folder, *TINY_SERVER_ARGS)
-    try:
-        check_served(server, folder)
-    finally:
-        server.stop()
+    _, folder = family
+    serve_and_check(server_factory, folder)

@@ -8,8 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import TINY_SERVER_ARGS
-from models.families import CPU, build, check_greedy, check_served
+from models.families import CPU, build, check_greedy, serve_and_check
 from tgserve.weights.loader import CheckpointMismatch, load_model
 
 TINY = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -122,8 +121,4 @@ def test_a_missing_expert_fails_loading(family, tmp_path):
 @pytest.mark.slow
 def test_served_through_tgserve(family, server_factory):
     _, folder = family
-    server = server_factory(folder, *TINY_SERVER_ARGS)
-    try:
-        check_served(server, folder)
-    finally:
-        server.stop()
+    serve_and_check(server_factory, folder)

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY_SERVER_ARGS
-from models.families import build, check_greedy, check_served
+from models.families import build, check_greedy, serve_and_check
 
 TINY = dict(vocab_size=400, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
             relative_attention_num_buckets=8, relative_attention_max_distance=20, eos_token_id=0, pad_token_id=0,
@@ -80,8 +79,4 @@ def test_requests_joining_a_running_batch(family):
 @pytest.mark.slow
 def test_served_through_tgserve(family, server_factory):
     _, folder = family
-    server = server_factory(folder, *TINY_SERVER_ARGS)
-    try:
-        check_served(server, folder)
-    finally:
-        server.stop()
+    serve_and_check(server_factory, folder)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from models.families import build, check_greedy, engine_greedy, prompts
+from models.families import build, engine_greedy, prompts
 
 TINY = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, eos_token_id=0)

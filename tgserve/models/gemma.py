@@ -15,40 +15,12 @@ import torch
 from torch import nn
 
 from tgserve.layers.activation import ActAndMul
-from tgserve.layers.attention import AttentionInputs, PagedAttention
+from tgserve.layers.attention import AttentionInputs
 from tgserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from tgserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from tgserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from tgserve.layers.norm import GemmaRMSNorm
 from tgserve.layers.position import RotaryEmbedding, rope_frequencies
-from tgserve.models.llama import LlamaForCausalLM, head_dim_of, sliding_windows
-
-
-class GemmaAttention(nn.Module):
-    def __init__(self, cfg, dtype: torch.dtype, rotary: RotaryEmbedding, window: int | None, qk_norm: bool):
-        super().__init__()
-        self.head_dim = head_dim_of(cfg)
-        bias = bool(getattr(cfg, "attention_bias", False))
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, self.head_dim, cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, bias, dtype)
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias, dtype)
-        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
-        self.rotary = rotary
-        self.qk_norm = qk_norm
-        if qk_norm:
-            self.q_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
-            self.k_norm = GemmaRMSNorm(self.head_dim, cfg.rms_norm_eps, dtype)
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, cfg.query_pre_attn_scalar**-0.5,
-                                   sliding_window=window, logit_softcap=getattr(cfg, "attn_logit_softcapping", None))
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), attn))
+from tgserve.models.llama import LlamaAttention, LlamaForCausalLM, head_dim_of, sliding_windows
 
 
 class GemmaMLP(nn.Module):
@@ -64,12 +36,12 @@ class GemmaMLP(nn.Module):
 
 
 class GemmaDecoderLayer(nn.Module):
-    def __init__(self, cfg, dtype: torch.dtype, rotary: RotaryEmbedding, window: int | None, qk_norm: bool):
+    def __init__(self, cfg, dtype: torch.dtype, rotary: RotaryEmbedding, window: int | None, flags: type):
         super().__init__()
         norm = lambda: GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)  # noqa: E731
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
-        self.self_attn = GemmaAttention(cfg, dtype, rotary, window, qk_norm)
+        self.self_attn = LlamaAttention(cfg, dtype, rotary, window, flags)
         self.mlp = GemmaMLP(cfg, dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
@@ -91,7 +63,7 @@ class GemmaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
         # sqrt(hidden) as a float32 tensor cast to the model dtype: what transformers multiplies by
         self.register_buffer("normalizer", torch.tensor(cfg.hidden_size**0.5).to(dtype), persistent=False)
-        self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, dtype, rotaries[kind], window, flags.qk_norm)
+        self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, dtype, rotaries[kind], window, flags)
                                     for kind, window in zip(layer_types, sliding_windows(cfg)))
         self.norm = GemmaRMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -105,6 +77,11 @@ class GemmaModel(nn.Module):
 class Gemma2ForCausalLM(LlamaForCausalLM):
     qk_norm = False  # a Gemma RMSNorm over each head of q and k, before the rotation (Gemma 3)
     rope_per_layer_type = False  # rope_parameters keyed by layer type (Gemma 3)
+    norm = GemmaRMSNorm
+
+    @staticmethod
+    def attention_scale(cfg) -> float:
+        return cfg.query_pre_attn_scalar**-0.5
 
     def __init__(self, cfg, dtype: torch.dtype, max_model_len: int):
         nn.Module.__init__(self)  # Llama's packing, loading and forward; Gemma's own model

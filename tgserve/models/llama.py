@@ -5,7 +5,7 @@ Pre-norm blocks of rotary self-attention (grouped KV heads) and a SiLU-gated MLP
 shared tensor-parallel layers. Checkpoint q/k/v and gate/up projections fold into fused parameters.
 The family members differ by a few flags, set as class attributes of their subclasses: biases on
 q/k/v (Qwen2), RMSNorm on each head of q and k (Qwen3), checkpoints that already fuse q/k/v and
-gate/up (Phi-3). Sliding windows come from the config: `layer_types` names each layer's attention
+gate/up (Phi-3); the attention layer also serves Gemma (its norm, scale and soft-capping). Sliding windows come from the config: `layer_types` names each layer's attention
 (Qwen2/3), else `sliding_window` applies to every layer (Mistral, Phi-3).
 """
 
@@ -49,10 +49,11 @@ class LlamaAttention(nn.Module):
         self.head_dim = head_dim
         self.rotary = rotary
         if flags.qk_norm:
-            self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps, dtype)
-            self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps, dtype)
+            self.q_norm = flags.norm(head_dim, cfg.rms_norm_eps, dtype)
+            self.k_norm = flags.norm(head_dim, cfg.rms_norm_eps, dtype)
         self.qk_norm = flags.qk_norm
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, sliding_window=window)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, flags.attention_scale(cfg),
+                                   sliding_window=window, logit_softcap=getattr(cfg, "attn_logit_softcapping", None))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -124,6 +125,11 @@ class LlamaForCausalLM(nn.Module):
     ignored_checkpoint_suffixes = ("rotary_emb.inv_freq",)
     qkv_bias = False  # q/k/v carry a bias even where the config says nothing of it
     qk_norm = False  # an RMSNorm over each head of q and k, before the rotation
+    norm = RMSNorm  # the family's RMSNorm (Gemma's applies 1 + weight)
+
+    @staticmethod
+    def attention_scale(cfg) -> float:
+        return head_dim_of(cfg) ** -0.5
 
     def __init__(self, cfg, dtype: torch.dtype, max_model_len: int):
         super().__init__()
