@@ -120,3 +120,19 @@ def test_a_misshaped_tensor_is_an_error_naming_it(reference, tmp_path):
     save_file(tensors, os.path.join(broken, "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj.weight"):
         load_model(broken, torch.float32, torch.device("cpu"), 256)
+
+
+def test_an_unexpected_tensor_is_an_error_naming_it(reference, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    import torch
+
+    from tgserve.weights.loader import CheckpointMismatch, load_model
+
+    folder, _, _ = reference
+    extra = save_as(str(tmp_path / "extra"), folder)
+    tensors = load_file(os.path.join(extra, "model.safetensors"))
+    tensors["model.layers.0.mlp.surprise.weight"] = torch.zeros(2, 2)
+    save_file(tensors, os.path.join(extra, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatch, match="model.layers.0.mlp.surprise.weight"):
+        load_model(extra, torch.float32, torch.device("cpu"), 256)

@@ -63,8 +63,10 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
             missing.append(pname)
     if missing:
         raise CheckpointMismatch(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
-    if unexpected:
-        log.warning("ignored %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[:5])
+    if unexpected:  # a tensor we do not know where to put means a layout we do not understand
+        raise CheckpointMismatch(f"checkpoint has {len(unexpected)} tensors this model has no place for, "
+                                 f"e.g. {unexpected[:5]} (a model's known extras are listed in its "
+                                 "ignored_checkpoint_suffixes)")
 
 
 def load_model(folder: str, dtype: torch.dtype, device: torch.device, max_model_len: int) -> tuple[nn.Module, object]:
