@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any, Mapping
 
-from tgserve.config import DTYPES, SECTIONS, Config, ModelConfig
+from tgserve.config import DTYPES, QUANTIZE, SECTIONS, Config, ModelConfig
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -50,7 +50,7 @@ def add_serve_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str])
             default = raw.lower() in _TRUE if raw is not None else f.default
             parser.add_argument(flag, dest=f.name, action="store_true", default=default, help=help_text)
             continue
-        choices = DTYPES if f.name == "dtype" else None
+        choices = {"dtype": DTYPES, "quantize": QUANTIZE}.get(f.name)
         default = kind(raw) if raw is not None else f.default
         parser.add_argument(flag, dest=f.name, type=kind, default=default, choices=choices, help=help_text)
 

@@ -12,6 +12,8 @@ from typing import Any
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DTYPES = ("float32", "bfloat16", "float16")
+# TGI's names (bitsandbytes*, gptq, awq) and ours for the fast CPU weight-only paths (int8, int4)
+QUANTIZE = ("int8", "int4", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "gptq", "awq")
 
 
 def setting(default: Any, help: str, flag: str | None = None) -> Any:
@@ -36,6 +38,13 @@ class ModelConfig:
         "--dtype",
     )
     device: str | None = setting(None, "cpu or cuda. Default: cuda when available, else cpu.", "--device")
+    quantize: str | None = setting(
+        None,
+        "Quantize the linear layers' weights while loading: int8 / int4 (weight-only, fast on CPU), "
+        "bitsandbytes (LLM.int8), bitsandbytes-nf4, bitsandbytes-fp4; gptq / awq for checkpoints shipped "
+        "quantized (found from their config when not given).",
+        "--quantize",
+    )
     cache_dir: str | None = setting(
         None, "Where converted models are kept. Default: ~/.cache/tgserve.", "--cache-dir"
     )

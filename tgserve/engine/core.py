@@ -131,7 +131,7 @@ def create_engine(config: Config) -> tuple[EngineCore, Ready]:
     dtype = hardware.TORCH_DTYPES[dtype_name]
     max_total = config.server.max_total_tokens
     try:
-        model, hf_config = load_model(config.model.path, dtype, device, max_total)
+        model, hf_config = load_model(config.model.path, dtype, device, max_total, config.model.quantize)
         implementation, bytes_per_token = "native", kv_bytes_per_token(model, dtype)
     except UnsupportedModel as unsupported:
         from transformers import AutoConfig
@@ -139,6 +139,8 @@ def create_engine(config: Config) -> tuple[EngineCore, Ready]:
         hf_config = AutoConfig.from_pretrained(config.model.path)
         if not fallback.supports(hf_config):
             raise UnsupportedModel(f"{unsupported}; transformers cannot load it as a causal LM either") from None
+        if config.model.quantize is not None:
+            raise UnsupportedModel(f"{unsupported}: --quantize needs a natively served model")
         model, implementation = None, "transformers"
         bytes_per_token = fallback.kv_bytes_per_token(hf_config, dtype)
     log.info("%s serves %s", "our own implementation" if model is not None else "the transformers fallback",

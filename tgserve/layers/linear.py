@@ -24,6 +24,7 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id: o
 class LinearBase(nn.Module):
     def __init__(self, in_local: int, out_local: int, bias: bool, dtype: torch.dtype, quant: QuantMethod | None):
         super().__init__()
+        self.in_features, self.out_features, self.dtype = in_local, out_local, dtype  # this rank's part
         self.quant = quant or Unquantized()
         self.quant.create_weights(self, in_local, out_local, dtype)
         self.weight.weight_loader = self.weight_loader

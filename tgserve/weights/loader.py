@@ -69,12 +69,17 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
                                  "ignored_checkpoint_suffixes)")
 
 
-def load_model(folder: str, dtype: torch.dtype, device: torch.device, max_model_len: int) -> tuple[nn.Module, object]:
+def load_model(folder: str, dtype: torch.dtype, device: torch.device, max_model_len: int,
+               quantize: str | None = None) -> tuple[nn.Module, object]:
     """Build the architecture named in `folder`'s config.json and fill it from its safetensors."""
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(folder)
     model = build_model(hf_config, dtype, max_model_len)
+    if quantize is not None:
+        from tgserve.quant import quantize_linears
+
+        quantize_linears(model, quantize)
     load_weights(model, iterate_tensors(folder))
     for module in model.modules():
         quant = getattr(module, "quant", None)
