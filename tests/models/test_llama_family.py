@@ -51,6 +51,14 @@ def phi3(folder):
     return build(folder, Phi3Config(**TINY, rope_parameters=rope, pad_token_id=1), Phi3ForCausalLM)
 
 
+def llama_3_groups(folder):
+    """SmolLM2's shape in small (6 heads in 3 KV groups): over two ranks, groups split 2 + 1."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**TINY, "hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 3})
+    return build(folder, config, LlamaForCausalLM)
+
+
 FAMILIES = {"llama3": llama3, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "phi3": phi3}
 
 
@@ -77,3 +85,7 @@ def test_mistral_generates_past_its_window(family):
 def test_served_through_tgserve(family, server_factory):
     _, folder = family
     serve_and_check(server_factory, folder)
+
+
+def test_three_kv_groups_the_sharding_tests_split_unevenly(tmp_path):
+    check_greedy(llama_3_groups(str(tmp_path / "model")))

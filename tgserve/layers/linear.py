@@ -90,26 +90,27 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Fused q/k/v projection split by heads; KV heads are replicated when ranks outnumber them.
+    """Fused q/k/v projection split by heads (`dist.head_shard`: whole KV groups per rank, or KV
+    heads replicated when ranks outnumber them).
 
     shard_id is "q", "k" or "v". Local output layout: [q heads | k heads | v heads] × head_dim.
+    The attention output projection takes `out_split` (this rank's query features) as its input split.
     """
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False, dtype: torch.dtype = torch.float32, quant: QuantMethod | None = None):
-        tp = dist.tp_size()
         self.head_dim = head_dim
         self.total_heads, self.total_kv_heads = num_heads, num_kv_heads
-        self.num_heads = dist.divide(num_heads, tp, "attention heads")
-        if num_kv_heads >= tp:
-            self.num_kv_heads = dist.divide(num_kv_heads, tp, "key/value heads")
-            self.kv_head_start = dist.tp_rank() * self.num_kv_heads
-        else:
-            dist.divide(tp, num_kv_heads, "tensor-parallel size over key/value heads")
-            self.num_kv_heads = 1
-            self.kv_head_start = dist.tp_rank() // (tp // num_kv_heads)
+        self.heads = dist.head_shard(num_heads, num_kv_heads)
+        self.num_heads, self.num_kv_heads = self.heads.count, self.heads.kv_count
+        self.kv_head_start = self.heads.kv_start
         out_local = (self.num_heads + 2 * self.num_kv_heads) * head_dim
         LinearBase.__init__(self, hidden_size, out_local, bias, dtype, quant)
+
+    @property
+    def out_split(self) -> tuple[int, int]:
+        """(first, count) of this rank's features in the full attention output."""
+        return self.heads.start * self.head_dim, self.heads.count * self.head_dim
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         d = self.head_dim
@@ -120,7 +121,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             return
         q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
         if shard_id == "q":
-            self._load(param, loaded.narrow(0, dist.tp_rank() * q_size, q_size), 0)
+            self._load(param, loaded.narrow(0, self.heads.start * d, q_size), 0)
         elif shard_id in ("k", "v"):
             offset = q_size if shard_id == "k" else q_size + kv_size
             self._load(param, loaded.narrow(0, self.kv_head_start * d, kv_size), offset)
@@ -129,18 +130,25 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Splits the input features over ranks and sums the partial outputs (all-reduce)."""
+    """Splits the input features over ranks and sums the partial outputs (all-reduce).
+
+    `split` = (first, count) of this rank's input features when they are not an equal share (an
+    attention output projection takes its QKV layer's `out_split`)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, quant: QuantMethod | None = None):
-        self.in_local = dist.divide(in_features, dist.tp_size(), "input features")
+                 dtype: torch.dtype = torch.float32, quant: QuantMethod | None = None,
+                 split: tuple[int, int] | None = None):
+        if split is None:
+            local = dist.divide(in_features, dist.tp_size(), "input features")
+            split = (dist.tp_rank() * local, local)
+        self.in_start, self.in_local = split
         super().__init__(self.in_local, out_features, bias, dtype, quant)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if param is self.bias:  # added once, after the reduction
             self._load(param, loaded)
         else:
-            self._load(param, loaded.narrow(1, dist.tp_rank() * self.in_local, self.in_local))
+            self._load(param, loaded.narrow(1, self.in_start, self.in_local))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = dist.all_reduce(self.quant.apply(self, x, None))

@@ -89,5 +89,5 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
         extra = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
         remaining = min(closest, num_heads - closest)
         slopes = torch.cat([slopes, torch.pow(extra, torch.arange(1, 1 + 2 * remaining, 2, dtype=torch.int32))])
-    local = dist.divide(num_heads, dist.tp_size(), "attention heads")
-    return slopes[dist.tp_rank() * local:(dist.tp_rank() + 1) * local]
+    heads = dist.head_shard(num_heads)
+    return slopes[heads.start:heads.start + heads.count]

@@ -25,7 +25,8 @@ class BloomAttention(nn.Module):
         super().__init__()
         heads, self.head_dim = cfg.n_head, cfg.hidden_size // cfg.n_head
         self.query_key_value = QKVParallelLinear(cfg.hidden_size, self.head_dim, heads, heads, True, dtype)
-        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, True, dtype)
+        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, True, dtype,
+                                       split=self.query_key_value.out_split)
         self.num_heads = self.query_key_value.num_heads  # this rank's
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5,
                                    alibi_slopes=alibi_slopes(heads))

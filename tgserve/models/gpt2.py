@@ -31,7 +31,7 @@ class GPT2Attention(nn.Module):
         heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // heads
         self.c_attn = QKVParallelLinear(cfg.hidden_size, self.head_dim, heads, heads, True, dtype)
-        self.c_proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, True, dtype)
+        self.c_proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, True, dtype, split=self.c_attn.out_split)
         self.num_heads = self.c_attn.num_heads
         scale = self.head_dim**-0.5 if getattr(cfg, "scale_attn_weights", True) else 1.0
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, scale)

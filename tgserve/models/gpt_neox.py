@@ -26,7 +26,8 @@ class GPTNeoXAttention(nn.Module):
         heads, bias = cfg.num_attention_heads, cfg.attention_bias
         self.head_dim = cfg.hidden_size // heads
         self.query_key_value = QKVParallelLinear(cfg.hidden_size, self.head_dim, heads, heads, bias, dtype)
-        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias, dtype)
+        self.dense = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias, dtype,
+                                       split=self.query_key_value.out_split)
         self.num_heads = self.query_key_value.num_heads
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, self.head_dim**-0.5)

@@ -44,7 +44,8 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(
             cfg.hidden_size, head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, qkv_bias, dtype
         )
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size, o_bias, dtype)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * head_dim, cfg.hidden_size, o_bias, dtype,
+                                        split=self.qkv_proj.out_split)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = head_dim
         self.rotary = rotary

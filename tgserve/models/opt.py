@@ -34,7 +34,7 @@ class OPTAttention(nn.Module):
         heads, bias = cfg.num_attention_heads, cfg.enable_bias
         self.head_dim = cfg.hidden_size // heads
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, self.head_dim, heads, heads, bias, dtype)
-        self.out_proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias, dtype)
+        self.out_proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, bias, dtype, split=self.qkv_proj.out_split)
         self.num_heads = self.qkv_proj.num_heads
         self.scale = self.head_dim**-0.5
         self.attn = PagedAttention(self.num_heads, self.num_heads, self.head_dim, 1.0)  # q comes scaled
