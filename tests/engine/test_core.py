@@ -42,6 +42,9 @@ class FakeRunner:
     def release(self, request_ids: list[str]) -> None:
         pass
 
+    def keep_alive(self) -> None:
+        pass
+
 
 def request(request_id: str, prompt_len: int, max_new_tokens: int = 4) -> AddRequest:
     return AddRequest(request_id, list(range(1, prompt_len + 1)), SamplingParams(),

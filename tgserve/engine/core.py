@@ -10,15 +10,19 @@ import logging
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import zmq
+from torch import nn
 
+from tgserve import distributed as dist
 from tgserve import hardware
 from tgserve.config import Config
 from tgserve.engine.kv_cache import KVCacheManager
 from tgserve.engine import fallback
-from tgserve.engine.runner import ModelRunner, kv_bytes_per_token, plan_num_blocks
+from tgserve.engine.inputs import StepInputs
+from tgserve.engine.runner import GroupFailed, ModelRunner, kv_bytes_per_token, plan_num_blocks
 from tgserve.engine.scheduler import Scheduler
 from tgserve.params import SamplingParams, StoppingParams
 from tgserve.process import become_child
@@ -90,6 +94,8 @@ class EngineCore:
         try:
             sampled = self.runner.execute(plan) if plan.scheduled else SampledTokens([], [])
             outputs = self.scheduler.update(plan, sampled)
+        except GroupFailed:
+            raise
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("step failed; failing its %d requests", len(plan.scheduled))
             outputs = self.scheduler.fail(plan, f"{type(e).__name__}: {e}")
@@ -113,6 +119,8 @@ class EngineCore:
                 self.runner.release(self.scheduler.pop_finished())
                 outputs, self.refused = self.refused, []
                 channel.send(StepOutputs(outputs, self.scheduler.stats()))
+            else:
+                self.runner.keep_alive()
 
     def warmup(self) -> None:
         """One short request through the real path, so the first user does not pay for first use."""
@@ -125,8 +133,28 @@ class EngineCore:
         assert self.scheduler.kv.num_free_blocks == self.scheduler.kv.pool.num_usable
 
 
-def create_engine(config: Config) -> tuple[EngineCore, Ready]:
+@dataclass
+class Loaded:
+    """What every rank builds: its part of the model (None: the transformers fallback) and the KV plan."""
+
+    model: nn.Module | None
+    hf_config: object
+    implementation: str
+    device: torch.device
+    dtype_name: str
+    num_blocks: int
+
+
+def load_rank(config: Config, rank: int) -> Loaded:
+    """Load this rank's part of the model and size its KV cache (the same block count on every rank)."""
+    shard = config.shard
+    local = rank - shard.local_ranks.start
     device = torch.device(config.model.device or hardware.default_device())
+    if device.type == "cuda" and shard.num_shard > 1:
+        device = torch.device("cuda", local)  # one GPU per rank, among the visible ones
+        torch.cuda.set_device(device)
+    elif device.type == "cpu" and len(shard.local_ranks) > 1:
+        torch.set_num_threads(max(1, hardware.cpu_cores() // len(shard.local_ranks)))  # the host's cores, shared
     dtype_name = config.model.dtype or hardware.default_dtype(device.type)
     dtype = hardware.TORCH_DTYPES[dtype_name]
     max_total = config.server.max_total_tokens
@@ -141,34 +169,67 @@ def create_engine(config: Config) -> tuple[EngineCore, Ready]:
             raise UnsupportedModel(f"{unsupported}; transformers cannot load it as a causal LM either") from None
         if config.model.quantize is not None:
             raise UnsupportedModel(f"{unsupported}: --quantize needs a natively served model")
+        if shard.num_shard > 1:
+            raise UnsupportedModel(f"{unsupported}: --num-shard needs a natively served model")
         model, implementation = None, "transformers"
         bytes_per_token = fallback.kv_bytes_per_token(hf_config, dtype)
-    log.info("%s serves %s", "our own implementation" if model is not None else "the transformers fallback",
-             getattr(hf_config, "architectures", None))
     block_size = config.cache.block_size
-    fraction = 0.8 if device.type == "cuda" else 0.2
+    # the KV cache's share of free memory, split between the ranks that share this host's memory
+    fraction = 0.8 if device.type == "cuda" else 0.2 / len(shard.local_ranks)
     num_blocks = plan_num_blocks(bytes_per_token, block_size, config.cache.max_batch_total_tokens,
                                  hardware.available_memory_bytes(device.type), fraction)
+    num_blocks = dist.min_over_ranks(num_blocks)
     if (num_blocks - 1) * block_size < max_total:
         raise ValueError(f"the KV cache holds {(num_blocks - 1) * block_size} tokens, "
                          f"fewer than max_total_tokens ({max_total})")
+    return Loaded(model, hf_config, implementation, device, dtype_name, num_blocks)
+
+
+def create_engine(config: Config) -> tuple[EngineCore, Ready]:
+    """Rank 0: the model runner with its sampler, the scheduler, warmed up."""
+    loaded = load_rank(config, 0)
+    model, hf_config, device = loaded.model, loaded.hf_config, loaded.device
+    dtype = hardware.TORCH_DTYPES[loaded.dtype_name]
+    log.info("%s serves %s", "our own implementation" if model is not None else "the transformers fallback",
+             getattr(hf_config, "architectures", None))
+    block_size, num_blocks = config.cache.block_size, loaded.num_blocks
     sampler = Sampler(hf_config.vocab_size, device, grammar=_grammar_backend(config.model.path, hf_config.vocab_size),
                       watermark_gamma=config.sampling.watermark_gamma,
                       watermark_delta=config.sampling.watermark_delta)
     if model is not None:
         runner = ModelRunner(model, num_blocks, block_size, dtype, device, sampler)
+        if config.shard.num_shard > 1:
+            runner.broadcast = dist.broadcast_object
     else:
         runner = fallback.FallbackRunner(config.model.path, dtype, device, sampler)
     # an encoder-decoder (native or fallback) names its decoder's start token
     decoder_start = getattr(model if model is not None else runner, "decoder_start_token_id", None)
     scheduler = Scheduler(config.scheduler, KVCacheManager(num_blocks, block_size),
-                          getattr(hf_config, "max_position_embeddings", None) or max_total, decoder_start)
+                          getattr(hf_config, "max_position_embeddings", None) or config.server.max_total_tokens,
+                          decoder_start)
     core = EngineCore(scheduler, runner)
     core.warmup()
     ready = Ready(num_blocks=num_blocks - 1, block_size=block_size,
-                  max_batch_total_tokens=(num_blocks - 1) * block_size, dtype=dtype_name, device=device.type,
-                  implementation=implementation, encoder_decoder=decoder_start is not None)
+                  max_batch_total_tokens=(num_blocks - 1) * block_size, dtype=loaded.dtype_name, device=device.type,
+                  implementation=loaded.implementation, encoder_decoder=decoder_start is not None)
     return core, ready
+
+
+def create_follower(config: Config, rank: int) -> ModelRunner:
+    """A rank other than 0: its part of the model and of the KV cache, no sampler."""
+    loaded = load_rank(config, rank)
+    return ModelRunner(loaded.model, loaded.num_blocks, config.cache.block_size,
+                       hardware.TORCH_DTYPES[loaded.dtype_name], loaded.device)
+
+
+def follow(runner: ModelRunner) -> None:
+    """A rank other than 0: compute every step rank 0 sends, until it sends the end."""
+    while True:
+        step = dist.broadcast_object()
+        if step is None:
+            return
+        if isinstance(step, StepInputs):
+            runner.forward(step)
 
 
 def _grammar_backend(folder: str, vocab_size: int):
@@ -184,25 +245,55 @@ def _grammar_backend(folder: str, vocab_size: int):
     return LLGuidanceBackend(tokenizer, vocab_size, eos or [tokenizer.eos_token])
 
 
-def engine_main(config: Config) -> None:
-    """Entry point of the engine process (started by the launcher)."""
+def engine_main(config: Config, rank: int = 0) -> None:
+    """Entry point of an engine process (started by the launcher). Rank 0 talks to the API; the
+    other ranks of a sharded engine only follow rank 0's steps."""
     become_child(config.server.json_output)
-    channel = EngineChannel(config.ipc_dir)
+    shard = config.shard
+    channel = EngineChannel(config.ipc_dir) if rank == 0 else None
     try:
-        core, ready = create_engine(config)
+        dist.init(rank, shard.num_shard, init_method=f"tcp://{_host(shard.master_addr)}:{shard.master_port}")
+        if rank == 0:
+            core, ready = create_engine(config)
+        else:
+            runner = create_follower(config, rank)
     except Exception as e:
-        log.exception("engine failed to start")
-        channel.send(EngineFailed(f"engine failed to start: {type(e).__name__}: {e}"))
-        channel.close()
+        log.exception("engine rank %d failed to start", rank)
+        if channel is not None:
+            channel.send(EngineFailed(f"engine failed to start: {type(e).__name__}: {e}"))
+            channel.close()
         sys.exit(1)
+
+    if rank != 0:  # stopped by rank 0 (or killed with the group): SIGTERM keeps its default
+        try:
+            follow(runner)
+        except Exception:
+            log.exception("engine rank %d lost the group", rank)
+            sys.exit(1)
+        dist.shutdown()
+        log.info("engine rank %d stopped", rank)
+        return
 
     def on_sigterm(signum, frame):  # the launcher stops us after the API has drained
         core.stopping = True
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    log.info("engine ready: %d KV blocks of %d tokens, %s on %s", ready.num_blocks, ready.block_size,
-             ready.dtype, ready.device)
+    log.info("engine ready: %d KV blocks of %d tokens, %s on %s%s", ready.num_blocks, ready.block_size,
+             ready.dtype, ready.device, f", {shard.num_shard} ranks" if shard.num_shard > 1 else "")
     channel.send(ready)
-    core.run(channel)
+    try:
+        core.run(channel)
+        if shard.num_shard > 1:
+            dist.broadcast_object(None)  # the other ranks stop too
+    except GroupFailed as e:
+        log.error("%s", e)
+        channel.send(EngineFailed(str(e)))
+        channel.close()
+        sys.exit(1)
     channel.close(linger_ms=0)
+    dist.shutdown()
     log.info("engine stopped")
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address and not address.startswith("[") else address

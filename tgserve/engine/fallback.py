@@ -78,6 +78,9 @@ class FallbackRunner:
     def admit(self, request_id: str, sampling: SamplingParams, generated: list[int]) -> None:
         self.sampler.begin(request_id, sampling, generated)
 
+    def keep_alive(self) -> None:
+        """Never sharded: nobody to tell."""
+
     @torch.inference_mode()
     def release(self, request_ids: list[str]) -> None:
         if request_ids:

@@ -1,12 +1,14 @@
 """Builds one step's flat model inputs from a StepPlan: no padding between sequences.
 
-Token order in the flat batch: one-token rows (decodes) first, then prefill chunks. Positions,
-cache slots and the attention metadata are computed with numpy, then moved to the device once.
+Token order in the flat batch: one-token rows (decodes) first, then prefill chunks. Rank 0 builds
+a `StepInputs` of host (numpy) arrays from the plan — all a rank needs to run the step, and what
+a sharded engine sends to its other ranks — and every rank moves it to its device once
+(`to_device` → `BatchInputs`), where the masks are derived.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,6 +16,63 @@ import torch
 from tgserve.engine.scheduler import ScheduledSeq, StepPlan
 from tgserve.layers.attention import NULL_BLOCK, AttentionInputs, PrefillChunk
 from tgserve.layers.cross_attention import CrossInputs, EncoderBatch
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True, slots=True)
+class HostCross:
+    """The cross-attention inputs of an encoder-decoder step (see CrossInputs)."""
+
+    decode_table: np.ndarray | None  # [num_decode, max_blocks] cross blocks of the decode rows
+    decode_lens: np.ndarray | None  # [num_decode] encoder length of each decode row
+    chunks: tuple[tuple[np.ndarray, int], ...]  # (cross blocks, encoder length) per prefill chunk
+    encode_ids: np.ndarray | None  # encoder tokens of the sequences admitted this step, flat
+    encode_lengths: tuple[int, ...]
+    encode_slots: np.ndarray | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    """Everything the model computes in one step, as host arrays."""
+
+    block_size: int
+    block_copies: tuple[tuple[int, int], ...]  # (source, destination) before the forward pass
+    input_ids: np.ndarray  # [num_tokens]
+    positions: np.ndarray  # [num_tokens]
+    slot_mapping: np.ndarray  # [num_tokens]
+    num_decode: int
+    decode_table: np.ndarray | None  # [num_decode, max_blocks], padded with the null block
+    decode_lens: np.ndarray | None  # [num_decode]
+    prefills: tuple[tuple[int, int, int, np.ndarray | None], ...]  # (start, length, context, blocks)
+    sample_indices: np.ndarray  # flat index of each sampling row's last token, plan order
+    starts: tuple[int, ...]  # flat index of the first token of each scheduled sequence, plan order
+    cross: HostCross | None = None
+    # prompt logprobs: the flat rows whose logits are wanted, and the token each row is scored at
+    logprob_rows: np.ndarray = field(default_factory=lambda: _EMPTY)
+    logprob_targets: np.ndarray = field(default_factory=lambda: _EMPTY)
+
+    def to_device(self, device: torch.device) -> BatchInputs:
+        def move(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else torch.from_numpy(a).to(device)
+
+        table, lens = move(self.decode_table), move(self.decode_lens)
+        return BatchInputs(
+            input_ids=move(self.input_ids),
+            positions=move(self.positions),
+            attn=AttentionInputs(
+                slot_mapping=move(self.slot_mapping),
+                num_decode=self.num_decode,
+                decode_block_table=table,
+                decode_seq_lens=lens,
+                decode_mask=None if lens is None else _key_mask(lens, table.shape[1] * self.block_size),
+                prefills=tuple(_chunk(start, length, context, move(blocks), device)
+                               for start, length, context, blocks in self.prefills),
+            ),
+            sample_indices=move(self.sample_indices),
+            starts=list(self.starts),
+            cross=None if self.cross is None else _cross_to_device(self.cross, self.block_size, move),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,12 +85,16 @@ class BatchInputs:
     cross: CrossInputs | None = None  # encoder-decoder models only
 
 
+def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> BatchInputs:
+    return step_inputs(plan, block_size).to_device(device)
+
+
 def _slots(block_ids: list[int], start: int, stop: int, block_size: int) -> np.ndarray:
     pos = np.arange(start, stop)
     return np.asarray(block_ids, dtype=np.int64)[pos // block_size] * block_size + pos % block_size
 
 
-def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> BatchInputs:
+def step_inputs(plan: StepPlan, block_size: int) -> StepInputs:
     decodes = [s for s in plan.scheduled if s.num_tokens == 1]
     prefills = [s for s in plan.scheduled if s.num_tokens > 1]
     num_decode = len(decodes)
@@ -44,85 +107,120 @@ def build_inputs(plan: StepPlan, block_size: int, device: torch.device) -> Batch
     last_index: dict[int, int] = {id(s): i for i, s in enumerate(decodes)}
     first_index: dict[int, int] = dict(last_index)
 
-    chunks: list[PrefillChunk] = []
+    chunks: list[tuple[int, int, int, np.ndarray | None]] = []
     start = num_decode
     for s in prefills:
         seq, c, n = s.seq, s.seq.num_computed_tokens, s.num_tokens
         ids.extend(seq.token_ids[c:c + n])
         positions.append(np.arange(c, c + n, dtype=np.int64))
         slots.append(_slots(seq.block_ids, c, c + n, block_size))
-        chunks.append(_chunk(seq.block_ids, start, n, c, block_size, device))
+        blocks = np.asarray(seq.block_ids[: -(-(c + n) // block_size)], dtype=np.int64) if c else None
+        chunks.append((start, n, c, blocks))
         first_index[id(s)] = start
         start += n
         last_index[id(s)] = start - 1
 
     # a sequence's new forks sample from its row too
     sample_indices = [last_index[id(s)] for s in plan.scheduled if s.samples for _ in range(1 + len(s.forks))]
-    table, lens, mask = _decode_table(decodes, block_size, device) if decodes else (None, None, None)
-    return BatchInputs(
-        input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-        positions=torch.from_numpy(np.concatenate(positions)).to(device),
-        attn=AttentionInputs(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(device),
-            num_decode=num_decode,
-            decode_block_table=table,
-            decode_seq_lens=lens,
-            decode_mask=mask,
-            prefills=tuple(chunks),
-        ),
-        sample_indices=torch.tensor(sample_indices, dtype=torch.long, device=device),
-        starts=[first_index[id(s)] for s in plan.scheduled],
-        cross=_cross(plan, decodes, prefills, block_size, device),
+    table, lens = _decode_table(decodes, block_size) if decodes else (None, None)
+    starts = tuple(first_index[id(s)] for s in plan.scheduled)
+    rows, targets = prompt_logprob_rows(plan, starts)
+    return StepInputs(
+        block_size=block_size,
+        block_copies=plan.block_copies,
+        input_ids=np.asarray(ids, dtype=np.int64),
+        positions=np.concatenate(positions),
+        slot_mapping=np.concatenate(slots),
+        num_decode=num_decode,
+        decode_table=table,
+        decode_lens=lens,
+        prefills=tuple(chunks),
+        sample_indices=np.asarray(sample_indices, dtype=np.int64),
+        starts=starts,
+        cross=_cross(plan, decodes, prefills, block_size),
+        logprob_rows=rows,
+        logprob_targets=targets,
     )
 
 
-def _cross(plan: StepPlan, decodes: list[ScheduledSeq], prefills: list[ScheduledSeq], block_size: int,
-           device: torch.device) -> CrossInputs | None:
-    """Cross-attention metadata (decode rows, then chunks, in the flat order) and the encoder's inputs."""
+def prompt_logprob_spans(plan: StepPlan) -> list[tuple[int, int, int]]:
+    """(index in the plan, first, last) for each sequence that reports prompt logprobs this step:
+    the hidden state at position p (first ≤ p < last) scores the prompt token at p + 1. Positions
+    already reported (a recomputed prefill) are skipped."""
+    spans = []
+    for index, item in enumerate(plan.scheduled):
+        seq = item.seq
+        if not seq.sampling.prompt_logprobs:
+            continue
+        computed = seq.num_computed_tokens
+        first = max(computed, seq.num_prompt_logprobs - 1)
+        last = min(computed + item.num_tokens, seq.num_prompt_tokens - 1)
+        if first < last:
+            spans.append((index, first, last))
+    return spans
+
+
+def prompt_logprob_rows(plan: StepPlan, starts: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    rows, targets = [], []
+    for index, first, last in prompt_logprob_spans(plan):
+        seq = plan.scheduled[index].seq
+        start = starts[index] - seq.num_computed_tokens
+        rows.append(np.arange(start + first, start + last))
+        targets.extend(seq.token_ids[first + 1:last + 1])
+    if not rows:
+        return _EMPTY, _EMPTY
+    return np.concatenate(rows), np.asarray(targets, dtype=np.int64)
+
+
+def _cross(plan: StepPlan, decodes: list[ScheduledSeq], prefills: list[ScheduledSeq],
+           block_size: int) -> HostCross | None:
+    """Cross-attention inputs (decode rows, then chunks, in the flat order) and the encoder's inputs."""
     if not any(s.seq.encoder_ids is not None for s in plan.scheduled):
         return None
-    table = lens = mask = None
+    table = lens = None
     if decodes:
-        lengths = np.array([len(s.seq.encoder_ids) for s in decodes], dtype=np.int64)
-        max_blocks = int(-(-lengths.max() // block_size))
-        rows = np.full((len(decodes), max_blocks), NULL_BLOCK, dtype=np.int64)
+        lens = np.array([len(s.seq.encoder_ids) for s in decodes], dtype=np.int64)
+        table = np.full((len(decodes), int(-(-lens.max() // block_size))), NULL_BLOCK, dtype=np.int64)
         for row, s in enumerate(decodes):
-            rows[row, :len(s.seq.cross_block_ids)] = s.seq.cross_block_ids
-        keys = np.arange(max_blocks * block_size)[None, :] < lengths[:, None]
-        table, lens = torch.from_numpy(rows).to(device), torch.from_numpy(lengths).to(device)
-        mask = torch.from_numpy(keys).to(device)[:, None, None, :]
-    chunks = tuple((torch.tensor(s.seq.cross_block_ids, dtype=torch.long, device=device), len(s.seq.encoder_ids))
-                   for s in prefills)
+            table[row, :len(s.seq.cross_block_ids)] = s.seq.cross_block_ids
+    chunks = tuple((np.asarray(s.seq.cross_block_ids, dtype=np.int64), len(s.seq.encoder_ids)) for s in prefills)
     encoding = [s.seq for s in plan.scheduled if s.encodes]
+    if not encoding:
+        return HostCross(table, lens, chunks, None, (), None)
+    ids = np.asarray([t for seq in encoding for t in seq.encoder_ids], dtype=np.int64)
+    slots = np.concatenate([_slots(seq.cross_block_ids, 0, len(seq.encoder_ids), block_size) for seq in encoding])
+    return HostCross(table, lens, chunks, ids, tuple(len(seq.encoder_ids) for seq in encoding), slots)
+
+
+def _cross_to_device(cross: HostCross, block_size: int, move) -> CrossInputs:
+    table, lens = move(cross.decode_table), move(cross.decode_lens)
     encode = None
-    if encoding:
-        ids = [t for seq in encoding for t in seq.encoder_ids]
-        slots = np.concatenate([_slots(seq.cross_block_ids, 0, len(seq.encoder_ids), block_size) for seq in encoding])
-        encode = EncoderBatch(torch.tensor(ids, dtype=torch.long, device=device),
-                              [len(seq.encoder_ids) for seq in encoding], torch.from_numpy(slots).to(device))
-    return CrossInputs(table, lens, mask, chunks, encode)
+    if cross.encode_ids is not None:
+        encode = EncoderBatch(move(cross.encode_ids), list(cross.encode_lengths), move(cross.encode_slots))
+    return CrossInputs(table, lens, None if lens is None else _key_mask(lens, table.shape[1] * block_size),
+                       tuple((move(blocks), length) for blocks, length in cross.chunks), encode)
 
 
-def _decode_table(decodes: list[ScheduledSeq], block_size: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Block tables padded with the null block, lengths, and which gathered key positions are real."""
+def _decode_table(decodes: list[ScheduledSeq], block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block tables padded with the null block, and lengths."""
     lengths = np.array([s.seq.num_computed_tokens + 1 for s in decodes], dtype=np.int64)
     max_blocks = int(-(-lengths.max() // block_size))
     table = np.full((len(decodes), max_blocks), NULL_BLOCK, dtype=np.int64)
     for row, s in enumerate(decodes):
         blocks = s.seq.block_ids[:max_blocks]
         table[row, :len(blocks)] = blocks
-    mask = np.arange(max_blocks * block_size)[None, :] < lengths[:, None]  # [decodes, keys]
-    return (torch.from_numpy(table).to(device), torch.from_numpy(lengths).to(device),
-            torch.from_numpy(mask).to(device)[:, None, None, :])
+    return table, lengths
 
 
-def _chunk(block_ids: list[int], start: int, length: int, context: int, block_size: int,
-           device: torch.device) -> PrefillChunk:
+def _key_mask(lengths: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[rows, 1, 1, keys]: which gathered key positions are real."""
+    return (torch.arange(num_keys, device=lengths.device)[None, :] < lengths[:, None])[:, None, None, :]
+
+
+def _chunk(start: int, length: int, context: int, blocks: torch.Tensor | None, device: torch.device) -> PrefillChunk:
     if context == 0:
         return PrefillChunk(start, length, 0, None, None)
-    total = context + length
-    blocks = torch.tensor(block_ids[: -(-total // block_size)], dtype=torch.long, device=device)
     # query i sits at position context + i and sees every key up to there
+    total = context + length
     mask = torch.arange(total, device=device)[None, :] <= (context + torch.arange(length, device=device))[:, None]
     return PrefillChunk(start, length, context, blocks, mask)

@@ -2,19 +2,20 @@
 sampled tokens (and, for requests that asked, the logprobs of the prompt tokens just computed).
 
 Owns the KV-cache tensors (bound once to the model's attention layers) and their sizing, and the
-sampler with its per-sequence state.
+sampler with its per-sequence state. In a sharded engine rank 0 runs `execute` (and sends each
+step's inputs to the other ranks first); the other ranks run only `forward`, on the inputs they get.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
-import numpy as np
 import torch
 from torch import nn
 
-from tgserve.engine.inputs import BatchInputs, build_inputs
+from tgserve.engine.inputs import StepInputs, prompt_logprob_spans, step_inputs
 from tgserve.engine.scheduler import StepPlan
 from tgserve.params import SamplingParams
 from tgserve.sampling.sampler import Sampler, SampledTokens
@@ -22,7 +23,12 @@ from tgserve.sampling.sampler import Sampler, SampledTokens
 log = logging.getLogger(__name__)
 
 MAX_AUTO_KV_TOKENS = 1 << 20
+HEARTBEAT_SECONDS = 60.0  # well inside distributed.TIMEOUT
 PROMPT_LOGITS_ROWS = 256  # prompt logprobs are computed this many positions at a time (memory bound)
+
+
+class GroupFailed(RuntimeError):
+    """A sharded step failed on rank 0 or lost a rank: the engine cannot continue."""
 
 
 def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
@@ -45,6 +51,8 @@ class ModelRunner:
                  device: torch.device, sampler: Sampler | None = None):
         self.model, self.block_size, self.device = model, block_size, device
         self._sampler = sampler
+        self.broadcast = None  # sharded: sends each step's StepInputs to the other ranks (set by the engine)
+        self._last_sent = time.monotonic()
         for layer in model.attention_layers():
             shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
             # zeros, not empty: attention reads whole blocks and masks the slots past a sequence's
@@ -63,23 +71,60 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> SampledTokens:
-        if plan.block_copies:
-            self._copy_blocks(plan.block_copies)
-        inputs = build_inputs(plan, self.block_size, self.device)
+        """Rank 0: the plan's inputs (sent to the other ranks when sharded), the forward pass, sampling."""
+        step = step_inputs(plan, self.block_size)
         seqs = plan.sample_seqs
         prepared = self.sampler.prepare(seqs) if seqs else None  # grammar masks start computing now
+        if self.broadcast is None:
+            logits, prompt_values = self.forward(step)
+        else:
+            try:
+                self._send(step)
+                logits, prompt_values = self.forward(step)
+            except Exception as e:  # the other ranks are in (or past) this step: the group cannot go on
+                raise GroupFailed(f"tensor-parallel step failed: {type(e).__name__}: {e}") from e
+        prompt_logprobs = {}
+        if prompt_values is not None:
+            values, at = prompt_values.tolist(), 0
+            for index, first, last in prompt_logprob_spans(plan):
+                prompt_logprobs[index] = values[at:at + last - first]
+                at += last - first
+        if prepared is None:
+            return SampledTokens([], [], prompt_logprobs=prompt_logprobs)
+        sampled = self.sampler.sample(logits, prepared)
+        return dataclasses.replace(sampled, prompt_logprobs=prompt_logprobs) if prompt_logprobs else sampled
+
+    @torch.inference_mode()
+    def forward(self, step: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Every rank: block copies, the model, and the logits of the sampling rows (float32) and the
+        prompt logprobs asked for (log_softmax of the raw logits at the next prompt token)."""
+        if step.block_copies:
+            self._copy_blocks(step.block_copies)
+        inputs = step.to_device(self.device)
         if inputs.cross is not None:  # an encoder-decoder: encode the new requests, then decode
             if inputs.cross.encode is not None:
                 self.model.encode(inputs.cross.encode)
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, inputs.cross)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)  # [tokens, hidden]
-        prompt_logprobs = self._prompt_logprobs(plan, inputs, hidden)
-        if prepared is None:
-            return SampledTokens([], [], prompt_logprobs=prompt_logprobs)
-        logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_indices)).float()
-        sampled = self.sampler.sample(logits, prepared)
-        return dataclasses.replace(sampled, prompt_logprobs=prompt_logprobs) if prompt_logprobs else sampled
+        prompt_values = self._prompt_logprobs(step, hidden) if len(step.logprob_rows) else None
+        logits = None
+        if len(step.sample_indices):
+            logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_indices)).float()
+        return logits, prompt_values
+
+    def keep_alive(self) -> None:
+        """Idle rank 0 of a sharded engine: tell the other ranks now and then that it is alive (their
+        wait for the next step would otherwise time out)."""
+        if self.broadcast is not None and time.monotonic() - self._last_sent > HEARTBEAT_SECONDS:
+            try:
+                self._send("alive")
+            except Exception as e:
+                raise GroupFailed(f"tensor-parallel group lost: {type(e).__name__}: {e}") from e
+
+    def _send(self, message: object) -> None:
+        self.broadcast(message)
+        self._last_sent = time.monotonic()
 
     def admit(self, request_id: str, sampling: SamplingParams, generated: list[int]) -> None:
         """A request arrived (grammar matchers start building during its prefill)."""
@@ -97,39 +142,12 @@ class ModelRunner:
             for cache in (layer.k_cache, layer.v_cache):
                 cache.index_copy_(0, dst, cache.index_select(0, src))
 
-    def _prompt_logprobs(self, plan: StepPlan, inputs: BatchInputs, hidden: torch.Tensor) -> dict[int, list[float]]:
-        """log_softmax of the raw logits at each prompt position computed this step, taken at the
-        next prompt token: what TGI reports as `details.prefill`. Positions already reported (a
-        recomputed prefill) are skipped."""
-        rows: list[np.ndarray] = []
-        targets: list[int] = []
-        owners: list[tuple[int, int]] = []
-        for index, item in enumerate(plan.scheduled):
-            seq = item.seq
-            if not seq.sampling.prompt_logprobs:
-                continue
-            computed = seq.num_computed_tokens
-            # the hidden state at position p predicts the token at p + 1
-            first = max(computed, seq.num_prompt_logprobs - 1)
-            last = min(computed + item.num_tokens, seq.num_prompt_tokens - 1)
-            if first >= last:
-                continue
-            start = inputs.starts[index] - computed
-            rows.append(np.arange(start + first, start + last))
-            targets.extend(seq.token_ids[first + 1:last + 1])
-            owners.append((index, last - first))
-        if not rows:
-            return {}
-        flat = torch.from_numpy(np.concatenate(rows)).to(self.device)
-        wanted = torch.tensor(targets, dtype=torch.long, device=self.device)
+    def _prompt_logprobs(self, step: StepInputs, hidden: torch.Tensor) -> torch.Tensor:
+        """A bounded number of rows at a time: each needs a whole vocabulary of logits."""
+        rows = torch.from_numpy(step.logprob_rows).to(self.device)
+        targets = torch.from_numpy(step.logprob_targets).to(self.device)
         pieces = []
-        for at in range(0, len(flat), PROMPT_LOGITS_ROWS):
-            piece = flat[at:at + PROMPT_LOGITS_ROWS]
-            logits = self.model.compute_logits(hidden.index_select(0, piece)).float()
-            pieces.append(logits.log_softmax(dim=-1).gather(1, wanted[at:at + PROMPT_LOGITS_ROWS, None]).squeeze(1))
-        values = torch.cat(pieces).tolist()
-        out, at = {}, 0
-        for index, count in owners:
-            out[index] = values[at:at + count]
-            at += count
-        return out
+        for at in range(0, len(rows), PROMPT_LOGITS_ROWS):
+            logits = self.model.compute_logits(hidden.index_select(0, rows[at:at + PROMPT_LOGITS_ROWS])).float()
+            pieces.append(logits.log_softmax(dim=-1).gather(1, targets[at:at + PROMPT_LOGITS_ROWS, None]).squeeze(1))
+        return torch.cat(pieces)
