@@ -36,3 +36,49 @@ def test_flags_win_over_environment():
 def test_unknown_dtype_is_refused():
     with pytest.raises(SystemExit):
         parse(["--dtype", "int3"])
+
+
+def test_shard_flags_and_torch_distributed_environment():
+    cfg = parse(["--num-shard", "4", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
+                 "--master-port", "29400"])
+    assert (cfg.shard.num_shard, cfg.shard.nnodes, cfg.shard.node_rank) == (4, 2, 1)
+    assert cfg.shard.master_addr == "10.0.0.1" and cfg.shard.master_port == 29400
+    assert list(cfg.shard.local_ranks) == [2, 3]
+    # one `tgserve serve` per rank, each on its own host: torch.distributed's variables
+    cfg = parse([], {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29401"})
+    assert (cfg.shard.num_shard, cfg.shard.nnodes, cfg.shard.node_rank) == (2, 2, 1)
+    assert list(cfg.shard.local_ranks) == [1] and cfg.shard.master_port == 29401
+    assert parse([], {"WORLD_SIZE": "2"}).shard.nnodes == 1  # both ranks on this host
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sharded"], "--sharded on CPU needs --num-shard"),
+    (["--sharded", "--num-shard", "1"], "--sharded needs more than one shard"),
+    (["--num-shard", "3", "--nnodes", "2"], "--num-shard (3) must be a multiple of --nnodes (2)"),
+    (["--num-shard", "2", "--nnodes", "2", "--node-rank", "2"], "--node-rank must be in [0, 2)"),
+])
+def test_shard_layouts_that_cannot_work_are_refused(argv, message):
+    from tgserve.config import ConfigError
+    from tgserve.launcher import resolve_shard
+
+    with pytest.raises(ConfigError) as e:
+        resolve_shard(parse(argv).shard, "cpu")
+    assert message in str(e.value)
+
+
+def test_one_host_rendezvous_on_a_free_port_by_default():
+    from tgserve.launcher import resolve_shard
+
+    one = resolve_shard(parse(["--num-shard", "2"]).shard, "cpu")
+    assert one.num_shard == 2 and one.master_port not in (None, 29500)
+    assert resolve_shard(parse(["--num-shard", "2", "--nnodes", "2"]).shard, "cpu").master_port == 29500
+    assert resolve_shard(parse([]).shard, "cpu").num_shard == 1
+
+
+def test_convert_without_arguments_prepares_the_default_model(smollm2_dir):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "tgserve", "convert"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == smollm2_dir

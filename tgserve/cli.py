@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any, Mapping
 
-from tgserve.config import DTYPES, QUANTIZE, SECTIONS, Config, ModelConfig
+from tgserve.config import DEFAULT_MODEL_ID, DTYPES, QUANTIZE, SECTIONS, Config, ModelConfig
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -62,15 +62,28 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**{name: SECTIONS[name](**values) for name, values in sections.items()})
 
 
+def rendezvous_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """torch.distributed's standard variables as defaults for our flags: WORLD_SIZE is the number of
+    shards, and with RANK (one `tgserve serve` per rank, each on its own host) the hosts are the
+    ranks: NNODES = WORLD_SIZE, NODE_RANK = RANK."""
+    env = dict(environ)
+    if "WORLD_SIZE" in env:
+        env.setdefault("NUM_SHARD", env["WORLD_SIZE"])
+        if "RANK" in env:
+            env.setdefault("NNODES", env["WORLD_SIZE"])
+            env.setdefault("NODE_RANK", env["RANK"])
+    return env
+
+
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
-    environ = os.environ if environ is None else environ
+    environ = rendezvous_environment(os.environ if environ is None else environ)
     parser = argparse.ArgumentParser(prog="tgserve", description="Text-generation inference server (TGI's API).")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start the server (API + engine) on a model")
     add_serve_flags(serve, environ)
     convert = sub.add_parser("convert", help="prepare a model for serving (convert a GGUF or a .bin checkpoint to safetensors, "
                                                 "once) and print its folder")
-    convert.add_argument("--model-id", default=environ.get("MODEL_ID", ModelConfig.model_id))
+    convert.add_argument("--model-id", default=environ.get("MODEL_ID", DEFAULT_MODEL_ID))
     convert.add_argument("--cache-dir", default=environ.get("CACHE_DIR"))
     sub.add_parser("version", help="print the version")
     return parser

@@ -98,6 +98,42 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ShardConfig:
+    num_shard: int | None = setting(
+        None,
+        "Tensor-parallel ranks the model is split over, on every host together (one engine process "
+        "each: a GPU each on CUDA, a share of the cores on CPU). Default: 1, or every visible GPU "
+        "with --sharded.",
+        "--num-shard",
+    )
+    sharded: bool = setting(False, "Shard the model (over --num-shard ranks, or every visible GPU).", "--sharded")
+    master_addr: str = setting(
+        "127.0.0.1", "Address of the host that runs rank 0 (torch.distributed rendezvous).", "--master-addr"
+    )
+    master_port: int | None = setting(
+        None, "Rendezvous port on --master-addr. Default: a free port on one host, 29500 across hosts.",
+        "--master-port",
+    )
+    nnodes: int = setting(
+        1, "Hosts the ranks run on (each runs `tgserve serve` with the same flags and its own --node-rank).",
+        "--nnodes",
+    )
+    node_rank: int = setting(
+        0, "This host's index: host 0 runs the HTTP API and rank 0; host i runs ranks i*N/nnodes onwards.",
+        "--node-rank",
+    )
+
+    @property
+    def ranks_per_node(self) -> int:
+        return (self.num_shard or 1) // self.nnodes
+
+    @property
+    def local_ranks(self) -> range:
+        """The global ranks this host runs."""
+        return range(self.node_rank * self.ranks_per_node, (self.node_rank + 1) * self.ranks_per_node)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     hostname: str = setting("0.0.0.0", "Address the HTTP server listens on.", "--hostname")
     port: int = setting(3000, "HTTP port.", "--port")
@@ -133,6 +169,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     ipc_dir: str = ""
 
@@ -142,7 +179,7 @@ class Config:
 
 
 SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "sampling": SamplingConfig,
-            "server": ServerConfig}
+            "shard": ShardConfig, "server": ServerConfig}
 
 
 class ConfigError(ValueError):

@@ -65,7 +65,7 @@ def test_a_killed_engine_fails_in_flight_requests_and_the_launcher_exits(tiny_ll
             if len(payloads) == 2:
                 os.kill(server.child_pid("engine"), signal.SIGKILL)
     assert payloads[-1] == {
-        "error": "Request failed during generation: Server error: engine process exited with code -9",
+        "error": "Request failed during generation: Server error: engine process exited with code -9 (SIGKILL)",
         "error_type": "generation",
     }
     assert server.proc.wait(60) == 1
