@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 _rank = 0
 _world_size = 1
-_control = None  # the gloo group objects travel on (the default group when that is gloo)
+_control = None  # the gloo group objects travel on (None: the default group, when that is gloo)
 
 # how long a collective may wait for a rank that is alive but silent (a dead one fails it at once)
 TIMEOUT = datetime.timedelta(minutes=30)
@@ -35,7 +35,9 @@ def init(rank: int, world_size: int, backend: str | None = None, init_method: st
 
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=TIMEOUT)
-        _control = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=TIMEOUT)
+        # gloo: the default group itself (None); holding its object here would keep it alive past
+        # a destroy_process_group that another caller makes
+        _control = None if backend == "gloo" else dist.new_group(backend="gloo", timeout=TIMEOUT)
 
 
 def shutdown() -> None:

@@ -148,7 +148,7 @@ def _tp_worker(rank: int, port: int, out_dir: str) -> None:
         with torch.inference_mode():
             results[renormalize] = moe(x)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 def test_tensor_parallel_split_of_the_intermediate_dim_equals_unsharded(tmp_path):

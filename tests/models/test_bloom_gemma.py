@@ -172,7 +172,7 @@ def _tp_worker(rank: int, port: int, folders: dict[str, str], out_dir: str) -> N
         except Exception:  # every rank fails alike (same inputs), so no rank is left waiting
             results[name] = traceback.format_exc()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 @pytest.fixture(scope="module")
