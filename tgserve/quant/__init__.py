@@ -10,7 +10,16 @@ from torch import nn
 from tgserve.quant.base import QuantMethod, Unquantized
 
 # --quantize value → (module under tgserve.quant, class); imported when asked for
-METHODS: dict[str, tuple[str, str]] = {}
+METHODS: dict[str, tuple[str, str]] = {
+    "int8": ("int8", "Int8WeightOnly"),
+    "int4": ("int4", "Int4WeightOnly"),
+    "bitsandbytes": ("bnb", "BitsAndBytesInt8"),
+    "bitsandbytes-nf4": ("bnb", "BitsAndBytes4bit"),
+    "bitsandbytes-fp4": ("bnb", "BitsAndBytesFP4"),
+    # checkpoints shipped int4-quantized: their own grid, served by int4's kernel
+    "gptq": ("prequantized", "PrequantizedInt4"),
+    "awq": ("prequantized", "PrequantizedInt4"),
+}
 
 
 def quant_method(name: str) -> QuantMethod:

@@ -11,7 +11,7 @@ from torch import nn
 
 from tgserve.layers.linear import default_weight_loader
 from tgserve.models.registry import build_model
-from tgserve.weights.safetensors import iterate_tensors
+from tgserve.weights.safetensors import iterate_tensors, read_header, safetensors_files
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +71,38 @@ def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) 
 
 def load_model(folder: str, dtype: torch.dtype, device: torch.device, max_model_len: int,
                quantize: str | None = None) -> tuple[nn.Module, object]:
-    """Build the architecture named in `folder`'s config.json and fill it from its safetensors."""
+    """Build the architecture named in `folder`'s config.json and fill it from its safetensors.
+    A GPTQ / AWQ checkpoint (its config's quantization_config) is served with its linears in its
+    own int4 grid, with or without --quantize gptq / awq (quant/prequantized.py)."""
     from transformers import AutoConfig
 
+    from tgserve.quant.prequantized import checkpoint_format
+
     hf_config = AutoConfig.from_pretrained(folder)
+    prequantized = checkpoint_format(hf_config, quantize)
+    if prequantized is not None:
+        quantize = prequantized.method
+        log.info("%s: a %s int4 checkpoint; its linears keep its grid", folder, quantize.upper())
     model = build_model(hf_config, dtype, max_model_len)
     if quantize is not None:
         from tgserve.quant import quantize_linears
 
         quantize_linears(model, quantize)
-    load_weights(model, iterate_tensors(folder))
+    tensors = iterate_tensors(folder)
+    if prequantized is not None:
+        tensors = prequantized.as_grids(tensors, checkpoint_names(folder))
+    load_weights(model, tensors)
     for module in model.modules():
         quant = getattr(module, "quant", None)
         if quant is not None:
             quant.after_load(module)
     _return_freed_memory()
     return model.to(device).eval(), hf_config
+
+
+def checkpoint_names(folder: str) -> set[str]:
+    """Every tensor name in the folder's safetensors files (their headers only)."""
+    return {name for path in safetensors_files(folder) for name in read_header(path)[0]}
 
 
 def _return_freed_memory() -> None:
