@@ -167,8 +167,10 @@ def load_rank(config: Config, rank: int) -> Loaded:
         hf_config = AutoConfig.from_pretrained(config.model.path)
         if not fallback.supports(hf_config):
             raise UnsupportedModel(f"{unsupported}; transformers cannot load it as a causal LM either") from None
-        if config.model.quantize is not None:
-            raise UnsupportedModel(f"{unsupported}: --quantize needs a natively served model")
+        quantized = getattr(hf_config, "quantization_config", None) is not None
+        if config.model.quantize is not None or quantized:
+            raise UnsupportedModel(f"{unsupported}: --quantize and pre-quantized checkpoints need a natively "
+                                   "served model")
         if shard.num_shard > 1:
             raise UnsupportedModel(f"{unsupported}: --num-shard needs a natively served model")
         model, implementation = None, "transformers"

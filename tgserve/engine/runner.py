@@ -37,6 +37,21 @@ def kv_bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
     return len(layers) * 2 * first.num_kv_heads * first.head_dim * torch.finfo(dtype).bits // 8
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the model holds for its weights: parameters, buffers (quantized weights,
+    scales, rotary tables) and tensors kept as attributes (a oneDNN-packed weight), each counted once
+    (before the KV cache is bound to the attention layers)."""
+    seen, total = set(), 0
+    for module in model.modules():
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+        for t in tensors:
+            if id(t) not in seen:  # a tied weight is one Parameter in two modules
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
 def plan_num_blocks(bytes_per_token: int, block_size: int, max_batch_total_tokens: int | None,
                     available_bytes: int, memory_fraction: float) -> int:
     """Blocks for the requested token capacity, or for what fits in a fraction of free memory."""
@@ -53,6 +68,7 @@ class ModelRunner:
         self._sampler = sampler
         self.broadcast = None  # sharded: sends each step's StepInputs to the other ranks (set by the engine)
         self._last_sent = time.monotonic()
+        weights = weight_bytes(model)  # before the KV cache tensors join the layers
         for layer in model.attention_layers():
             shape = (num_blocks, block_size, layer.num_kv_heads, layer.head_dim)
             # zeros, not empty: attention reads whole blocks and masks the slots past a sequence's
@@ -60,8 +76,8 @@ class ModelRunner:
             # Committing the memory now also makes a too-large cache fail at start-up, not mid-run.
             layer.bind_cache(torch.zeros(shape, dtype=dtype, device=device),
                              torch.zeros(shape, dtype=dtype, device=device))
-        log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks - 1, block_size,
-                 num_blocks * block_size * kv_bytes_per_token(model, dtype) / 2**30)
+        log.info("weights: %.1f MiB; KV cache: %d blocks of %d tokens (%.2f GiB)", weights / 2**20,
+                 num_blocks - 1, block_size, num_blocks * block_size * kv_bytes_per_token(model, dtype) / 2**30)
 
     @property
     def sampler(self) -> Sampler:
