@@ -34,6 +34,9 @@ AutoConfig.from_pretrained(sys.argv[1])  # the modules it imports are not the we
 weights = sum(info["data_offsets"][1] - info["data_offsets"][0]
               for path in safetensors_files(sys.argv[1]) for info in read_header(path)[0].values())
 rank, world, port = (int(x) for x in sys.argv[3:6])
+quantize = sys.argv[6] if len(sys.argv) > 6 else None
+if quantize and quantize.startswith("bitsandbytes"):
+    import bitsandbytes  # its import is not the weights' cost
 distributed.init(rank, world, "gloo", f"tcp://127.0.0.1:{port}")  # the group's memory is not the weights'
 
 def status(field):
@@ -49,7 +52,7 @@ def sample():
         time.sleep(0.001)
 thread = threading.Thread(target=sample)
 thread.start()
-model, _ = load_model(sys.argv[1], getattr(torch, sys.argv[2]), torch.device("cpu"), 2048)
+model, _ = load_model(sys.argv[1], getattr(torch, sys.argv[2]), torch.device("cpu"), 2048, quantize)
 running[0] = False
 thread.join()
 print(weights, max(peak[0], rss()) - base, rss() - base, status("RssAnon") - anon)
@@ -57,12 +60,14 @@ distributed.shutdown()
 """
 
 
-def measure(folder: str, dtype: str, world: int) -> list[tuple[int, int, int, int]]:
-    """(weights, peak growth, growth once loaded, anonymous growth) of each of `world` ranks."""
+def measure(folder: str, dtype: str, world: int = 1, quantize: str | None = None) -> list[tuple[int, int, int, int]]:
+    """(checkpoint bytes, peak growth, growth once loaded, anonymous growth) of each of `world`
+    ranks loading `folder` in fresh processes."""
     from tgserve.hardware import free_port
 
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", MEASURE, folder, dtype, str(rank), str(world), str(port)],
+    extra = [quantize] if quantize else []
+    procs = [subprocess.Popen([sys.executable, "-c", MEASURE, folder, dtype, str(rank), str(world), str(port), *extra],
                               stdout=subprocess.PIPE, text=True) for rank in range(world)]
     outs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):

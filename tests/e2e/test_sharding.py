@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from conftest import TINY_SERVER_ARGS, build_tiny_llama
-from models.families import check_served
+from models.families import check_served, served_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -41,16 +41,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
 
 def _greedy(server, n: int = 32) -> list[list[int]]:
     """The prompts at once (one batch), each's greedy tokens."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def ask(prompt: str) -> list[int]:
-        r = httpx.post(server.url + "/generate", timeout=300, json={"inputs": prompt, "parameters": {
-            "max_new_tokens": n, "details": True, "ignore_eos_token": True}})
-        assert r.status_code == 200, r.text
-        return [t["id"] for t in r.json()["details"]["tokens"]]
-
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
-        return list(pool.map(ask, PROMPTS))
+    return served_greedy(server, PROMPTS, n)
 
 
 def test_the_default_model_over_two_shards_equals_one_shard(smollm2_dir, smollm2_server, server_factory):

@@ -115,26 +115,29 @@ def check_greedy(folder: str, n: int = 12, lengths=LENGTHS, max_len: int = MAX_L
             assert g == e, f"prompt {i} (length {len(batch[i])}, together={together}): tgserve {g} != transformers {e}"
 
 
-def check_served(server, folder: str, n: int = 8) -> None:
-    """Through `tgserve serve`: a concurrent burst of prompts of mixed lengths, each equal to
-    transformers' greedy continuation of the same token ids."""
+def served_greedy(server, texts: list[str], n: int) -> list[list[int]]:
+    """Through `tgserve serve`: the texts as concurrent /generate requests, each's greedy tokens."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    texts = ["Hello world!", "The quick brown fox jumps over the lazy dog.", "Paged attention keeps the cache",
-             "Numbers 0123456789 and punctuation: ,.;:!?()[]{} Continuous batching serves many users at once."]
-    expected = transformers_greedy(folder, [tok(t).input_ids for t in texts], n)
-
     def ask(text: str) -> list[int]:
-        r = httpx.post(server.url + "/generate", timeout=120, json={"inputs": text, "parameters": {
+        r = httpx.post(server.url + "/generate", timeout=300, json={"inputs": text, "parameters": {
             "max_new_tokens": n, "details": True, "ignore_eos_token": True}})
         assert r.status_code == 200, r.text
         return [t["id"] for t in r.json()["details"]["tokens"]]
 
     with ThreadPoolExecutor(len(texts)) as pool:
-        assert list(pool.map(ask, texts)) == expected
+        return list(pool.map(ask, texts))
+
+
+def check_served(server, folder: str, n: int = 8) -> None:
+    """Through `tgserve serve`: a concurrent burst of prompts of mixed lengths, each equal to
+    transformers' greedy continuation of the same token ids."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = ["Hello world!", "The quick brown fox jumps over the lazy dog.", "Paged attention keeps the cache",
+             "Numbers 0123456789 and punctuation: ,.;:!?()[]{} Continuous batching serves many users at once."]
+    assert served_greedy(server, texts, n) == transformers_greedy(folder, [tok(t).input_ids for t in texts], n)
 
 
 def serve_and_check(server_factory, folder: str, *args: str) -> None:
