@@ -92,12 +92,15 @@ def load_model(folder: str, dtype: torch.dtype, device: torch.device, max_model_
     if prequantized is not None:
         tensors = prequantized.as_grids(tensors, checkpoint_names(folder))
     load_weights(model, tensors)
+    # on the target device before after_load: its repacking is device-specific (the oneDNN layout
+    # is the CPU's; a CUDA weight keeps its plain layout)
+    model = model.to(device).eval()
     for module in model.modules():
         quant = getattr(module, "quant", None)
         if quant is not None:
             quant.after_load(module)
     _return_freed_memory()
-    return model.to(device).eval(), hf_config
+    return model, hf_config
 
 
 def checkpoint_names(folder: str) -> set[str]:
