@@ -127,3 +127,45 @@ async def run_load(url: str, prompts: list[str], concurrency: int, num_requests:
         await asyncio.gather(*(client(i) for i in range(concurrency)))
         result.wall = time.perf_counter() - start
     return result
+
+
+def engine_profile(url: str) -> dict[str, float]:
+    """The server's summed step profile from /metrics: steps, step tokens, step seconds and seconds
+    per phase (engine/profile.py's phases, plus the API's output handling)."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {name: float(m.group(1)) for name in ("steps", "step_tokens", "step_seconds")
+           if (m := re.search(rf"^tgserve_engine_{name} (\S+)$", text, re.M))}
+    for phase, value in re.findall(r'^tgserve_engine_phase_seconds\{phase="(\w+)"\} (\S+)$', text, re.M):
+        out[phase] = float(value)
+    return out
+
+
+def profile_row(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Per-step means between two engine_profile() readings: ms per phase, tokens per step."""
+    steps = after.get("steps", 0) - before.get("steps", 0)
+    if steps <= 0:
+        return {}
+    row = {"steps": steps, "tokens_per_step": (after["step_tokens"] - before.get("step_tokens", 0)) / steps,
+           "step_ms": 1000 * (after["step_seconds"] - before.get("step_seconds", 0)) / steps}
+    for key in after:
+        if key not in ("steps", "step_tokens", "step_seconds"):
+            row[f"{key}_ms"] = 1000 * (after[key] - before.get(key, 0.0)) / steps
+    return row
+
+
+def profile_table(rows: dict[str, dict[str, float]]) -> str:
+    """A markdown table of per-step profiles, one row per run."""
+    from tgserve.engine.profile import PHASES
+
+    phases = [*PHASES, "api_outputs"]
+    lines = ["| run | steps | tokens/step | step ms | " + " | ".join(f"{p} ms" for p in phases) + " |",
+             "|---" * (4 + len(phases)) + "|"]
+    for name, row in rows.items():
+        if row:
+            lines.append(f"| {name} | {row['steps']:.0f} | {row['tokens_per_step']:.1f} | {row['step_ms']:.2f} | "
+                         + " | ".join(f"{row.get(f'{p}_ms', 0.0):.2f}" for p in phases) + " |")
+    return "\n".join(lines)

@@ -22,7 +22,7 @@ import urllib.request
 import torch
 
 from bench import hf_baseline
-from bench.loadgen import make_prompts, run_load
+from bench.loadgen import engine_profile, make_prompts, profile_row, profile_table, run_load
 from tgserve import hardware
 from tgserve.config import DEFAULT_MODEL_ID, ModelConfig
 from tgserve.weights.locate import locate_model
@@ -86,9 +86,12 @@ def main() -> None:
     try:
         url = f"http://127.0.0.1:{args.port}"
         asyncio.run(run_load(url, prompts, 1, 2, 8))  # warm-up
+        profiles = {}
         for c in (int(x) for x in args.concurrency.split(",")):
             n = 8 if c == 1 else max(args.requests, c)
+            before = engine_profile(url)
             summary = asyncio.run(run_load(url, prompts, c, n, args.max_new_tokens)).summary()
+            summary["step_profile"] = profiles[f"{c} clients"] = profile_row(before, engine_profile(url))
             rows.append(summary)
             print(summary, flush=True)
     finally:
@@ -101,6 +104,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(fmt(row, base_seq, base_batch))
+    print("\nwhere an engine step's time goes (means per step; attention is inside the forward pass, "
+          "\"forward\" is the rest of it; api_outputs is the API process's handling of the step's outputs):")
+    print(profile_table(profiles))
     os.makedirs("bench/results", exist_ok=True)
     path = time.strftime("bench/results/%Y%m%d-%H%M%S.json")
     with open(path, "w") as f:

@@ -82,3 +82,10 @@ def test_convert_without_arguments_prepares_the_default_model(smollm2_dir):
     result = subprocess.run([sys.executable, "-m", "tgserve", "convert"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == smollm2_dir
+
+
+def test_prefix_caching_is_on_unless_turned_off_by_flag_or_environment():
+    assert parse([]).cache.prefix_caching is True
+    assert parse(["--no-prefix-caching"]).cache.prefix_caching is False
+    assert parse([], {"PREFIX_CACHING": "0"}).cache.prefix_caching is False
+    assert parse(["--prefix-caching"], {"PREFIX_CACHING": "false"}).cache.prefix_caching is True

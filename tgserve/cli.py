@@ -48,7 +48,9 @@ def add_serve_flags(parser: argparse.ArgumentParser, environ: Mapping[str, str])
         raw = environ.get(env)
         if kind is bool:
             default = raw.lower() in _TRUE if raw is not None else f.default
-            parser.add_argument(flag, dest=f.name, action="store_true", default=default, help=help_text)
+            # a setting that is on by default is turned off with --no-<flag>
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            parser.add_argument(flag, dest=f.name, action=action, default=default, help=help_text)
             continue
         choices = {"dtype": DTYPES, "quantize": QUANTIZE}.get(f.name)
         default = kind(raw) if raw is not None else f.default

@@ -64,6 +64,13 @@ class CacheConfig:
         "fifth of the available memory, announced at start-up and shown in /info.",
         "--max-batch-total-tokens",
     )
+    prefix_caching: bool = setting(
+        True,
+        "Automatic prefix caching: full KV blocks are kept under a hash of their prefix and reused by "
+        "later requests that start with the same tokens (evicted least recently used). Natively "
+        "served decoder models only.",
+        "--prefix-caching",
+    )
 
 
 @dataclass(frozen=True, slots=True)

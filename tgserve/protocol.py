@@ -82,6 +82,8 @@ class EngineStats(msgspec.Struct, frozen=True, array_like=True):
     num_total_blocks: int
     num_batched_tokens: int = 0  # tokens computed in the step these stats follow
     step_seconds: float = 0.0
+    prefix_cache_hit_tokens: int = 0  # prompt tokens served from the prefix cache, since start
+    phases: dict[str, float] = msgspec.field(default_factory=dict)  # the step's seconds per phase (engine/profile.py)
 
 
 class StepOutputs(msgspec.Struct, frozen=True, tag=True, array_like=True):

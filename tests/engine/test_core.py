@@ -31,7 +31,7 @@ class FakeChannel:
 
 
 class FakeRunner:
-    def execute(self, plan: StepPlan) -> SampledTokens:
+    def execute(self, plan: StepPlan, profile=None) -> SampledTokens:
         n = len(plan.sampling)
         return SampledTokens([5] * n, [0.0] * n)
 

@@ -71,7 +71,10 @@ def transformers_greedy(folder: str, batch: list[list[int]], n: int) -> list[lis
 
 
 def engine_greedy(folder: str, batch: list[list[int]], n: int, budget: int, together: bool,
-                  block_size: int = 16, num_blocks: int = 96, max_len: int = MAX_LEN) -> list[list[int]]:
+                  block_size: int = 16, num_blocks: int = 96, max_len: int = MAX_LEN,
+                  prefix_caching: bool = False, stats: dict | None = None) -> list[list[int]]:
+    """The engine's greedy tokens for each prompt: all added at once (`together`) or each run to
+    its end before the next; `stats` gets the prefix cache's hit tokens."""
     from tgserve.config import SchedulerConfig
     from tgserve.engine.core import EngineCore
     from tgserve.engine.kv_cache import KVCacheManager
@@ -83,7 +86,7 @@ def engine_greedy(folder: str, batch: list[list[int]], n: int, budget: int, toge
     model, _ = load_model(folder, torch.float32, CPU, max_len)
     decoder_start = model.decoder_start_token_id if getattr(model, "is_encoder_decoder", False) else None
     scheduler = Scheduler(SchedulerConfig(max_batch_prefill_tokens=budget),
-                          KVCacheManager(num_blocks, block_size), max_len, decoder_start)
+                          KVCacheManager(num_blocks, block_size, prefix_caching), max_len, decoder_start)
     engine = EngineCore(scheduler, ModelRunner(model, num_blocks, block_size, torch.float32, CPU))
     tokens: dict[str, list[int]] = {}
 
@@ -99,6 +102,8 @@ def engine_greedy(folder: str, batch: list[list[int]], n: int, budget: int, toge
             drain()
     drain()
     assert scheduler.kv.num_free_blocks == scheduler.kv.pool.num_usable, "KV blocks leaked"
+    if stats is not None:
+        stats["prefix_hit_tokens"] = scheduler.kv.prefix_hit_tokens
     return [tokens[str(i)] for i in range(len(batch))]
 
 

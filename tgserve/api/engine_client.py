@@ -111,9 +111,10 @@ class EngineClient:
         while True:
             message = decode_to_api(await self._pull.recv())
             if isinstance(message, StepOutputs):
+                start = time.perf_counter()
                 process_step(message, self.states, self.tokenizer, self._abort_many)
                 self.stats = message.stats
-                self.metrics.engine_stats(message.stats)
+                self.metrics.engine_stats(message.stats, time.perf_counter() - start)
             elif isinstance(message, Ready):
                 self.ready = message
                 log.info("engine ready: KV cache of %d tokens (%s, %s)",

@@ -47,15 +47,30 @@ class Metrics:
         self.generated_tokens = _Histogram(TOKEN_BUCKETS)
         self.gauges = {"tgi_queue_size": 0, "tgi_batch_current_size": 0,
                        "tgserve_kv_cache_free_blocks": 0, "tgserve_kv_cache_total_blocks": 0}
+        self.prefix_cache_hit_tokens = 0
+        # the engine's step profile, summed: steps, their tokens, seconds per phase (engine/profile.py)
+        self.steps = 0
+        self.step_tokens = 0
+        self.step_seconds = 0.0
+        self.phase_seconds: dict[str, float] = defaultdict(float)
 
     def received(self, route: str = "/generate") -> None:
         self.request_count += 1
         self.route_requests[route] += 1
 
-    def engine_stats(self, stats: EngineStats) -> None:
+    def engine_stats(self, stats: EngineStats, output_seconds: float = 0.0) -> None:
+        """A step's stats, and the API's time handling its outputs (detokenizing, stop strings, events)."""
         self.gauges.update(tgi_queue_size=stats.num_waiting, tgi_batch_current_size=stats.num_running,
                            tgserve_kv_cache_free_blocks=stats.num_free_blocks,
                            tgserve_kv_cache_total_blocks=stats.num_total_blocks)
+        self.prefix_cache_hit_tokens = stats.prefix_cache_hit_tokens
+        if stats.phases:  # a step ran (not an idle report)
+            self.steps += 1
+            self.step_tokens += stats.num_batched_tokens
+            self.step_seconds += stats.step_seconds
+            for phase, seconds in stats.phases.items():
+                self.phase_seconds[phase] += seconds
+            self.phase_seconds["api_outputs"] += output_seconds
 
     def success(self, seconds: float, generated_tokens: int) -> None:
         self.request_success += 1
@@ -86,6 +101,13 @@ class Metrics:
         lines += ["# TYPE tgserve_kv_cache_used_blocks gauge", f"tgserve_kv_cache_used_blocks {used}",
                   "# TYPE tgserve_kv_cache_usage_ratio gauge",
                   f"tgserve_kv_cache_usage_ratio {used / total if total else 0.0:g}",
+                  "# TYPE tgserve_prefix_cache_hit_tokens counter",
+                  f"tgserve_prefix_cache_hit_tokens {self.prefix_cache_hit_tokens}",
+                  "# TYPE tgserve_engine_steps counter", f"tgserve_engine_steps {self.steps}",
+                  "# TYPE tgserve_engine_step_tokens counter", f"tgserve_engine_step_tokens {self.step_tokens}",
+                  "# TYPE tgserve_engine_step_seconds counter", f"tgserve_engine_step_seconds {self.step_seconds:.6f}",
+                  "# TYPE tgserve_engine_phase_seconds counter",
+                  *(f'tgserve_engine_phase_seconds{{phase="{p}"}} {v:.6f}' for p, v in self.phase_seconds.items()),
                   "# TYPE tgserve_request_count counter"]
         lines += [f'tgserve_request_count{{route="{r}"}} {n}' for r, n in sorted(self.route_requests.items())]
         lines.append("# TYPE tgserve_request_failure counter")

@@ -22,6 +22,7 @@ from tgserve.config import Config
 from tgserve.engine.kv_cache import KVCacheManager
 from tgserve.engine import fallback
 from tgserve.engine.inputs import StepInputs
+from tgserve.engine.profile import StepProfile
 from tgserve.engine.runner import GroupFailed, ModelRunner, kv_bytes_per_token, plan_num_blocks
 from tgserve.engine.scheduler import Scheduler
 from tgserve.params import SamplingParams, StoppingParams
@@ -90,9 +91,12 @@ class EngineCore:
 
     def step(self) -> StepOutputs:
         start = time.perf_counter()
+        profile = StepProfile()
         plan = self.scheduler.schedule()
+        profile.mark("schedule")
         try:
-            sampled = self.runner.execute(plan) if plan.scheduled else SampledTokens([], [])
+            sampled = self.runner.execute(plan, profile) if plan.scheduled else SampledTokens([], [])
+            profile.mark("forward")  # what the runner did not charge to a phase of its own
             outputs = self.scheduler.update(plan, sampled)
         except GroupFailed:
             raise
@@ -101,7 +105,9 @@ class EngineCore:
             outputs = self.scheduler.fail(plan, f"{type(e).__name__}: {e}")
         self.runner.release(self.scheduler.pop_finished())
         outputs, self.refused = self.refused + outputs, []
-        return StepOutputs(outputs, self.scheduler.stats(plan.num_batched_tokens, time.perf_counter() - start))
+        profile.mark("update")
+        stats = self.scheduler.stats(plan.num_batched_tokens, time.perf_counter() - start, profile.seconds)
+        return StepOutputs(outputs, stats)
 
     def run(self, channel: EngineChannel) -> None:
         stalled = False  # the last step could schedule nothing: wait for news instead of spinning
@@ -206,7 +212,10 @@ def create_engine(config: Config) -> tuple[EngineCore, Ready]:
         runner = fallback.FallbackRunner(config.model.path, dtype, device, sampler)
     # an encoder-decoder (native or fallback) names its decoder's start token
     decoder_start = getattr(model if model is not None else runner, "decoder_start_token_id", None)
-    scheduler = Scheduler(config.scheduler, KVCacheManager(num_blocks, block_size),
+    # prefix caching shares paged blocks: the fallback keeps its own cache, an encoder-decoder's
+    # K/V depend on its encoder (KVCacheManager.match_prefix skips those sequences)
+    prefix_caching = config.cache.prefix_caching and model is not None
+    scheduler = Scheduler(config.scheduler, KVCacheManager(num_blocks, block_size, prefix_caching),
                           getattr(hf_config, "max_position_embeddings", None) or config.server.max_total_tokens,
                           decoder_start)
     core = EngineCore(scheduler, runner)

@@ -89,7 +89,8 @@ class FallbackRunner:
             self._keep([r for r in self.rows if r not in ended])
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> SampledTokens:
+    def execute(self, plan: StepPlan, profile=None) -> SampledTokens:
+        """One step of the transformers model (its time is the step profile's "forward")."""
         decoding = {s.seq.request_id: s.seq for s in plan.scheduled if s.num_tokens == 1 and s.seq.request_id in self.rows}
         self._keep([r for r in self.rows if r in decoding])  # ended, aborted or preempted rows leave
         logits: dict[str, torch.Tensor] = {}

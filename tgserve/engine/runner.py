@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from tgserve.engine.inputs import StepInputs, prompt_logprob_spans, step_inputs
+from tgserve.engine.profile import StepProfile
+from tgserve.layers.attention import AttentionClock
 from tgserve.engine.scheduler import StepPlan
 from tgserve.params import SamplingParams
 from tgserve.sampling.sampler import Sampler, SampledTokens
@@ -86,17 +88,19 @@ class ModelRunner:
         return self._sampler
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> SampledTokens:
-        """Rank 0: the plan's inputs (sent to the other ranks when sharded), the forward pass, sampling."""
+    def execute(self, plan: StepPlan, profile: StepProfile | None = None) -> SampledTokens:
+        """Rank 0: the plan's inputs (sent to the other ranks when sharded), the forward pass, sampling;
+        each phase's time charged to `profile`."""
+        profile = profile or StepProfile()
         step = step_inputs(plan, self.block_size)
         seqs = plan.sample_seqs
         prepared = self.sampler.prepare(seqs) if seqs else None  # grammar masks start computing now
         if self.broadcast is None:
-            logits, prompt_values = self.forward(step)
+            logits, prompt_values = self.forward(step, profile)
         else:
             try:
                 self._send(step)
-                logits, prompt_values = self.forward(step)
+                logits, prompt_values = self.forward(step, profile)
             except Exception as e:  # the other ranks are in (or past) this step: the group cannot go on
                 raise GroupFailed(f"tensor-parallel step failed: {type(e).__name__}: {e}") from e
         prompt_logprobs = {}
@@ -106,27 +110,38 @@ class ModelRunner:
                 prompt_logprobs[index] = values[at:at + last - first]
                 at += last - first
         if prepared is None:
+            profile.mark("sample")
             return SampledTokens([], [], prompt_logprobs=prompt_logprobs)
         sampled = self.sampler.sample(logits, prepared)
+        profile.mark("sample")
         return dataclasses.replace(sampled, prompt_logprobs=prompt_logprobs) if prompt_logprobs else sampled
 
     @torch.inference_mode()
-    def forward(self, step: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(self, step: StepInputs, profile: StepProfile | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Every rank: block copies, the model, and the logits of the sampling rows (float32) and the
         prompt logprobs asked for (log_softmax of the raw logits at the next prompt token)."""
+        profile = profile or StepProfile()
         if step.block_copies:
             self._copy_blocks(step.block_copies)
         inputs = step.to_device(self.device)
+        profile.mark("inputs")
+        AttentionClock.take()
         if inputs.cross is not None:  # an encoder-decoder: encode the new requests, then decode
             if inputs.cross.encode is not None:
                 self.model.encode(inputs.cross.encode)
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn, inputs.cross)
         else:
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn)  # [tokens, hidden]
+        profile.mark("forward")
+        attention = AttentionClock.take()
+        profile.add("attention", attention)
+        profile.add("forward", -attention)  # "forward" is the rest of the model
         prompt_values = self._prompt_logprobs(step, hidden) if len(step.logprob_rows) else None
         logits = None
         if len(step.sample_indices):
             logits = self.model.compute_logits(hidden.index_select(0, inputs.sample_indices)).float()
+        profile.mark("logits")
         return logits, prompt_values
 
     def keep_alive(self) -> None:

@@ -95,11 +95,13 @@ class Scheduler:
         finished, self._finished = self._finished, []
         return finished
 
-    def stats(self, num_batched_tokens: int = 0, step_seconds: float = 0.0) -> EngineStats:
+    def stats(self, num_batched_tokens: int = 0, step_seconds: float = 0.0,
+              phases: dict[str, float] | None = None) -> EngineStats:
         return EngineStats(
             num_running=len(self.running), num_waiting=len(self.waiting),
             num_free_blocks=self.kv.num_free_blocks, num_total_blocks=self.kv.pool.num_usable,
             num_batched_tokens=num_batched_tokens, step_seconds=step_seconds,
+            prefix_cache_hit_tokens=self.kv.prefix_hit_tokens, phases=phases or {},
         )
 
     # ---- one step -----------------------------------------------------------------------------
@@ -172,18 +174,21 @@ class Scheduler:
             # an encoder runs whole, in the step that admits its sequence: its tokens count against
             # the budget and may overrun what is left of it (it cannot be chunked; it never waits)
             encoder = len(seq.encoder_ids) if seq.encoder_ids is not None and not seq.encoded else 0
+            matched = self.kv.match_prefix(seq)  # cached prefix blocks: computed already
             n = min(seq.num_uncomputed_tokens, max(budget - encoder, 1))
             # keep a few blocks back for the running decodes, unless nothing runs
             reserve = self.watermark_blocks if self.running else 0
-            need = self.kv.blocks_needed(seq, n) + self.kv.cross_blocks_needed(seq)
-            if need > self.kv.pool.num_usable:  # not even an empty cache holds this chunk
+            need = self.kv.blocks_needed(seq, seq.num_computed_tokens + n) + self.kv.cross_blocks_needed(seq)
+            if need + len(seq.block_ids) > self.kv.pool.num_usable:  # not even an empty cache holds it
                 rejected.extend(self._group_ids(seq))
                 self._finish(seq)
                 continue
             if not self.kv.can_allocate(need, reserve):
+                if matched:
+                    self.kv.unmatch(seq)
                 break  # strictly FIFO: nobody overtakes the head of the queue
             self.kv.allocate_cross(seq)
-            self.kv.allocate(seq, n)
+            self.kv.allocate(seq, seq.num_computed_tokens + n)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -218,6 +223,7 @@ class Scheduler:
         for index, item in enumerate(plan.scheduled):
             seq = item.seq
             seq.num_computed_tokens += item.num_tokens
+            self.kv.register_computed(seq)  # its newly full blocks join the prefix cache
             seq.encoded = seq.encoded or item.encodes
             prompt_logprobs = sampled.prompt_logprobs.get(index, [])
             seq.num_prompt_logprobs += len(prompt_logprobs)

@@ -28,7 +28,7 @@ class Sequence:
     __slots__ = (
         "request_id", "token_ids", "num_prompt_tokens", "num_computed_tokens", "block_ids",
         "sampling", "stopping", "status", "arrival_time", "siblings", "num_prompt_logprobs",
-        "encoder_ids", "cross_block_ids", "encoded",
+        "encoder_ids", "cross_block_ids", "encoded", "block_hashes", "num_registered_blocks",
     )
 
     def __init__(self, request: AddRequest, decoder_start: int | None = None):
@@ -50,6 +50,8 @@ class Sequence:
         # prompt positions whose logprob was reported (the first token has none); a recomputed
         # prefill does not report them twice
         self.num_prompt_logprobs = 1
+        self.block_hashes: list[int] = []  # prefix-cache hashes of its first full blocks (kv_cache.py)
+        self.num_registered_blocks = 0  # of its blocks, those registered in the prefix cache
 
     def fork(self, sibling: Sibling) -> "Sequence":
         """A sibling at this sequence's point: same tokens and parameters, its own seed and id.
@@ -69,6 +71,8 @@ class Sequence:
         child.encoder_ids = self.encoder_ids
         child.cross_block_ids = []
         child.encoded = True  # it shares the parent's cross blocks, written in the step that forks it
+        child.block_hashes = list(self.block_hashes)
+        child.num_registered_blocks = self.num_registered_blocks
         return child
 
     @property

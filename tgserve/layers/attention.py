@@ -16,6 +16,7 @@ biases built per step) instead of the kernel.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,18 @@ class AttentionInputs:
     prefills: tuple[PrefillChunk, ...]
 
 
+class AttentionClock:
+    """Seconds spent in attention layers since the last `take` (the engine's step profile reads it;
+    one counter per process: a step runs its layers one after another)."""
+
+    seconds = 0.0
+
+    @classmethod
+    def take(cls) -> float:
+        spent, cls.seconds = cls.seconds, 0.0
+        return spent
+
+
 class PagedAttention(nn.Module):
     """Writes this step's K/V into the cache, then attends every query to its sequence's keys."""
 
@@ -71,6 +84,12 @@ class PagedAttention(nn.Module):
         self.k_cache, self.v_cache = k_cache, v_cache
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self._attend(q, k, v, attn)
+        AttentionClock.seconds += time.perf_counter() - start  # the step profile's "attention"
+        return out
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] → [tokens, heads * head_dim]
         num_blocks, block_size = self.k_cache.shape[:2]
         k_slots = self.k_cache.view(num_blocks * block_size, self.num_kv_heads, self.head_dim)
