@@ -48,8 +48,12 @@ def weight_bytes(model: nn.Module) -> int:
         tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         tensors += [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
         for t in tensors:
-            if id(t) not in seen:  # a tied weight is one Parameter in two modules
-                seen.add(id(t))
+            try:  # one tensor seen through two modules (a tied weight, a view of it) counts once
+                key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+            except RuntimeError:  # an opaque oneDNN tensor: no storage to look at
+                key = id(t)
+            if key not in seen:
+                seen.add(key)
                 total += t.numel() * t.element_size()
     return total
 

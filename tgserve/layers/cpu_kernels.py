@@ -1,7 +1,9 @@
 """Native CPU kernels: compiled once per machine with the system C compiler, loaded with ctypes.
 
-Only what PyTorch has no good op for lives here (paged decode attention). If no compiler is found
-or the build fails, callers get None and fall back to the PyTorch path, which gives the same results.
+Only what PyTorch has no good op for lives here: paged decode attention, and bf16 linear layers at
+decode-sized batches (kernels/linear_small.c, where the CPU has AVX-512 BF16). If no compiler is
+found or the build fails, callers get None and fall back to the PyTorch path, which gives the same
+results (up to float rounding).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "paged_attention.c")
+_SOURCES = [os.path.join(os.path.dirname(__file__), "kernels", name) for name in ("paged_attention.c", "linear_small.c")]
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 
@@ -39,20 +41,22 @@ def _library() -> ctypes.CDLL | None:
     if compiler is None:
         log.warning("no C compiler found: paged decode attention uses the slower PyTorch path")
         return None
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
+    source = b""
+    for path in _SOURCES:
+        with open(path, "rb") as f:
+            source += f.read()
     key = hashlib.sha256(source + " ".join(_FLAGS).encode() + platform.machine().encode()
                          + _cpu_signature().encode()).hexdigest()[:16]
     cache = os.path.join(os.path.expanduser("~"), ".cache", "tgserve", "kernels")
-    path = os.path.join(cache, f"paged_attention-{key}.so")
+    path = os.path.join(cache, f"kernels-{key}.so")
     if not os.path.exists(path):
         os.makedirs(cache, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
-        result = subprocess.run([compiler, *_FLAGS, "-o", tmp, _SOURCE, "-lm"], capture_output=True, text=True)
+        result = subprocess.run([compiler, *_FLAGS, "-o", tmp, *_SOURCES, "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
             os.unlink(tmp)
-            log.warning("building the paged attention kernel failed; using the PyTorch path:\n%s", result.stderr)
+            log.warning("building the native CPU kernels failed; using the PyTorch path:\n%s", result.stderr)
             return None
         os.replace(tmp, path)  # atomic: concurrent processes never load a half-written file
     # torch has already loaded its OpenMP runtime (same soname), so the kernel shares its threads
@@ -61,7 +65,33 @@ def _library() -> ctypes.CDLL | None:
         fn = getattr(lib, f"paged_decode_{suffix}")
         fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float]
         fn.restype = None
+    lib.linear_small_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+    lib.linear_small_bf16.restype = None
+    lib.linear_small_available.restype = ctypes.c_int
     return lib
+
+
+@functools.cache
+def linear_small_rows() -> int:
+    """The most rows `linear_small` takes (0: this CPU or build has no AVX-512 BF16 kernel)."""
+    lib = _library()
+    return lib.linear_small_available() if lib is not None else 0
+
+
+def linear_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x [rows, in] @ weight[out, in].T (+ bias), bf16, for at most linear_small_rows() rows; None
+    where the kernel cannot take it (then the caller's own path runs)."""
+    rows = x.shape[0]
+    if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or not weight.is_contiguous() or (bias is not None and bias.dtype != torch.bfloat16)
+            or not 0 < rows <= linear_small_rows()):
+        return None
+    x = x.contiguous()
+    out_features, in_features = weight.shape
+    y = torch.empty(rows, out_features, dtype=torch.bfloat16)
+    _library().linear_small_bf16(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+                                 y.data_ptr(), rows, out_features, in_features)
+    return y
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

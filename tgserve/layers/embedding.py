@@ -48,6 +48,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         """Share the embedding's rows (same vocab split, so the same shard on every rank)."""
         self.weight = embedding.weight
+        self.quant.shared = True  # its plain weight is the embedding's: kept for the small-batch kernel at no cost
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.quant.apply(self, hidden, None)  # [rows, vocab_local]

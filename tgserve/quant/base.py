@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgserve.layers import cpu_kernels
+
 log = logging.getLogger(__name__)
 
 # batch-size hint for oneDNN's weight layout; decode batches on CPU are around this size
@@ -36,7 +38,16 @@ class QuantMethod:
 
 class Unquantized(QuantMethod):
     """Plain weights in the model dtype. On CPU the weight is repacked once into oneDNN's blocked
-    layout, which runs the skinny matmuls of decoding 1.3-2x faster than the plain GEMM here."""
+    layout, which runs the skinny matmuls of decoding 1.3-2x faster than the plain GEMM here.
+
+    At one to four rows (a decode step of a few streams) a bf16 layer runs the native kernel
+    instead (layers/kernels/linear_small.c: it streams the plain weight at ~27 GB/s where oneDNN
+    reads ~16.5), when it keeps its plain weight too: always for a weight another module owns
+    anyway (a tied LM head), and for the others when the model's linears take little of the
+    memory (`keep_plain`, set by the loader: see `plain_copies_fit`)."""
+
+    keep_plain = False  # keep the plain weight beside the packed one (the loader's memory policy)
+    shared = False  # the weight belongs to another module too (a tied LM head): keeping it costs nothing
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         layer.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
@@ -49,17 +60,36 @@ class Unquantized(QuantMethod):
 
     def after_load(self, layer: nn.Module) -> None:
         layer.packed_weight = _onednn_pack(layer.weight)
+        layer.small_weight = None
         if layer.packed_weight is not None:
-            # the packed copy is the only one the matmul reads: keeping both would double the
-            # weights' memory (a tied LM head's tensor lives on in the embedding that owns it)
+            if (self.keep_plain or self.shared) and layer.weight.dtype == torch.bfloat16 \
+                    and cpu_kernels.linear_small_rows():
+                layer.small_weight = layer.weight.detach()
+            # the packed copy is what the larger matmuls read: keeping the plain one as well
+            # doubles the weights' memory unless it is kept above (a tied LM head's tensor lives
+            # on in the embedding that owns it)
             del layer.weight
             layer.weight = None
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        small = getattr(layer, "small_weight", None)
+        if small is not None and x.dim() == 2:
+            y = cpu_kernels.linear_small(x, small, bias)
+            if y is not None:
+                return y
         packed = getattr(layer, "packed_weight", None)
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return F.linear(x, layer.weight, bias)
+
+
+# the plain weights of a model's linears are kept beside the packed ones when they take at most
+# this share of the memory available at load (SmolLM2: 214 MB of 24 GB)
+PLAIN_COPY_SHARE = 0.05
+
+
+def plain_copies_fit(linear_bytes: int, available_bytes: int) -> bool:
+    return linear_bytes <= PLAIN_COPY_SHARE * available_bytes
 
 
 def _onednn_pack(weight: torch.Tensor) -> torch.Tensor | None:

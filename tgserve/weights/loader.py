@@ -95,12 +95,33 @@ def load_model(folder: str, dtype: torch.dtype, device: torch.device, max_model_
     # on the target device before after_load: its repacking is device-specific (the oneDNN layout
     # is the CPU's; a CUDA weight keeps its plain layout)
     model = model.to(device).eval()
+    _keep_plain_weights(model, device)
     for module in model.modules():
         quant = getattr(module, "quant", None)
         if quant is not None:
             quant.after_load(module)
     _return_freed_memory()
     return model, hf_config
+
+
+def _keep_plain_weights(model: nn.Module, device: torch.device) -> None:
+    """On CPU, unquantized linears keep their plain weight beside the oneDNN-packed one (for the
+    small-batch kernel, quant/base.py) when all of them together take little of the free memory."""
+    from tgserve import hardware
+    from tgserve.layers.linear import LinearBase
+    from tgserve.quant.base import Unquantized, plain_copies_fit
+
+    from tgserve.layers import cpu_kernels
+
+    if device.type != "cpu" or not cpu_kernels.linear_small_rows():
+        return
+    layers = [m for m in model.modules() if isinstance(m, LinearBase) and type(m.quant) is Unquantized
+              and m.weight.dtype == torch.bfloat16]
+    total = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    if layers and plain_copies_fit(total, hardware.available_memory_bytes("cpu")):
+        for m in layers:
+            m.quant.keep_plain = True
+        log.info("linears keep their plain weights too (%.1f MiB) for decode-sized batches", total / 2**20)
 
 
 def checkpoint_names(folder: str) -> set[str]:

@@ -1,0 +1,73 @@
+"""The bf16 linear kernel for decode-sized batches (layers/kernels/linear_small.c) against the
+float32 computation, and when the linears use it (quant/base.py's Unquantized, the loader's
+memory policy)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tgserve.layers import cpu_kernels
+from tgserve.layers.linear import LinearBase
+from tgserve.quant import base
+from tgserve.weights.loader import load_model
+
+from conftest import build_tiny_llama
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.linear_small_rows(),
+                                  reason="no AVX-512 BF16 on this CPU (or no C compiler): the kernel is not built")
+
+
+def _close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    # float32 sums of exact bf16 products, rounded once to bf16: within bf16's rounding of the result
+    torch.testing.assert_close(y.float(), ref, rtol=2 ** -8, atol=1e-3 * ref.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("k, n", [(576, 960), (1536, 576), (100, 50), (33, 7), (64, 3)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_kernel_equals_the_float_computation(k, n, rows):
+    g = torch.Generator().manual_seed(k * n + rows)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    _close(cpu_kernels.linear_small(x, w, b), x, w, b)
+    _close(cpu_kernels.linear_small(x, w, None), x, w, None)
+
+
+@needs_kernel
+def test_what_the_kernel_does_not_take_is_left_to_the_caller():
+    w = torch.randn(8, 64).bfloat16()
+    assert cpu_kernels.linear_small(torch.randn(5, 64).bfloat16(), w, None) is None  # too many rows
+    assert cpu_kernels.linear_small(torch.randn(1, 64), w.float(), None) is None  # float32
+    assert cpu_kernels.linear_small(torch.randn(1, 64).bfloat16(), w.t().contiguous().t(), None) is None
+
+
+@needs_kernel
+def test_a_small_bf16_model_keeps_plain_weights_and_uses_them_for_few_rows(tmp_path):
+    folder = build_tiny_llama(str(tmp_path / "m"), tie_word_embeddings=True)
+    model, _ = load_model(folder, torch.bfloat16, torch.device("cpu"), 128)
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    assert all(m.small_weight is not None and m.packed_weight is not None for m in linears)
+    assert model.lm_head.small_weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied: no copy
+    layer = linears[0]
+    for rows in (1, 4, 9):  # the kernel, then oneDNN's packed GEMM
+        x = torch.randn(rows, layer.in_features).bfloat16()
+        _close(layer(x), x, layer.small_weight, None)
+
+
+@needs_kernel
+def test_a_model_whose_linears_take_much_memory_keeps_only_the_packed_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(base, "PLAIN_COPY_SHARE", 0.0)
+    folder = build_tiny_llama(str(tmp_path / "m"), tie_word_embeddings=True)
+    model, _ = load_model(folder, torch.bfloat16, torch.device("cpu"), 128)
+    assert all(m.small_weight is None for m in model.modules() if isinstance(m, LinearBase))
+    assert model.lm_head.small_weight is not None  # a tied head costs nothing to keep
+
+
+def test_float32_models_keep_only_the_packed_copy(tmp_path):
+    model, _ = load_model(build_tiny_llama(str(tmp_path / "m")), torch.float32, torch.device("cpu"), 128)
+    assert all(getattr(m, "small_weight", None) is None for m in model.modules() if isinstance(m, LinearBase))
