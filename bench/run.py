@@ -1,7 +1,7 @@
-"""Benchmark run: transformers baselines, then tgserve under 1/16/32 concurrent streaming clients.
+"""Benchmark run: transformers baselines, then tgserve under 1/16/32/64 concurrent streaming clients.
 
     python -m bench.run                      # default model, the server's default dtype
-    python -m bench.run --dtype bfloat16 --concurrency 1,16,32 --max-new-tokens 128
+    python -m bench.run --dtype bfloat16 --concurrency 1,16,32,64 --max-new-tokens 128
 
 Prints a table with every figure as a ratio to the baselines measured in the same run, and
 writes the raw figures to bench/results/<time>.json.
@@ -59,7 +59,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-id", default=DEFAULT_MODEL_ID)
     parser.add_argument("--dtype", default=None, help="default: the server's default on this machine")
-    parser.add_argument("--concurrency", default="1,16,32")
+    parser.add_argument("--concurrency", default="1,16,32,64")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level (c=1 runs 8)")
     parser.add_argument("--hf-sequential", type=int, default=4, help="requests for the one-at-a-time baseline")
