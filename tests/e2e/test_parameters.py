@@ -163,10 +163,18 @@ def test_best_of_returns_the_best_mean_logprob_and_the_other_sequence_reproducib
         return sum(t["logprob"] for t in d["tokens"]) / len(d["tokens"])
 
     assert mean(details) >= mean(other)
-    # each sequence is what a lone request with its seed gives: sharing the prompt's blocks changed nothing
+    # each sequence is what a lone request with its seed gives: sharing the prompt's blocks changed
+    # nothing. Up to float rounding: two rows in a batch do not round exactly as one row alone (oneDNN
+    # splits the 1536 -> 576 down projection differently at one row: ~1e-5 in a logprob), which moves
+    # the inverse-CDF boundaries by about that much; a draw that lands among far-tail tokens (each
+    # thinner than that) can then take a neighbour (2 of 40 16-token sequences at temperature 1).
     for d in (details, other):
-        alone = generate(smollm2_server, PROMPT, seed=d["seed"], **params)
-        assert token_ids(alone) == [t["id"] for t in d["tokens"]]
+        alone = generate(smollm2_server, PROMPT, seed=d["seed"], **params)["details"]["tokens"]
+        shared = d["tokens"]
+        k = next((i for i, (a, b) in enumerate(zip(alone, shared)) if a["id"] != b["id"]), len(shared))
+        assert all(abs(a["logprob"] - b["logprob"]) < 1e-3 for a, b in zip(alone[:k], shared[:k]))
+        if k < len(shared):  # parted at a draw in the far tail, not at a real difference
+            assert alone[k]["logprob"] < -6.9 and shared[k]["logprob"] < -6.9, (k, alone[k], shared[k])
     assert other["generated_text"] != response["generated_text"] or other["seed"] != details["seed"]
 
 
