@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgserve import distributed
 from tgserve.quant import QuantMethod
 
 METHODS = ["int8", "int4", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4"]
@@ -121,3 +122,15 @@ def gptq_awq_tensors(w: torch.Tensor, spec: dict, seed: int):
         parts = {"qweight": pack(q.t().numpy(), 0), "qzeros": pack(stored.numpy(), 1), "scales": s,
                  "g_idx": g_idx.to(torch.int32)}
     return parts, (q, s, z, g_idx), dequantized_gptq_awq(q, s, z, g_idx)
+
+
+def ranks(monkeypatch, build, tp: int = 2) -> list:
+    """`build()` as each rank of a tensor-parallel group would (no process group needed to load)."""
+    layers = []
+    for rank in range(tp):
+        monkeypatch.setattr(distributed, "_rank", rank)
+        monkeypatch.setattr(distributed, "_world_size", tp)
+        layers.append(build())
+    monkeypatch.setattr(distributed, "_rank", 0)
+    monkeypatch.setattr(distributed, "_world_size", 1)
+    return layers

@@ -31,7 +31,7 @@ from tgserve.weights.loader import load_model
 
 from conftest import free_port, run_ranks
 from models.families import build, prompts
-from quant.reference import dequantized_gptq_awq, gptq_awq_tensors, reference_matmul
+from quant.reference import dequantized_gptq_awq, gptq_awq_tensors, ranks, reference_matmul
 from quant.test_quant_model import greedy
 
 CPU = torch.device("cpu")
@@ -170,18 +170,6 @@ def one_linear(variant: str, out: int, inn: int, seed: int = 0):
     return grid, (q, s[g_idx].t().float(), z[g_idx].t(), deq)
 
 
-def on_ranks(monkeypatch, build_layer, tp: int = 2) -> list:
-    """`build_layer()` as each rank of a tensor-parallel group (loading needs no process group)."""
-    layers = []
-    for rank in range(tp):
-        monkeypatch.setattr(distributed, "_rank", rank)
-        monkeypatch.setattr(distributed, "_world_size", tp)
-        layers.append(build_layer())
-    monkeypatch.setattr(distributed, "_rank", 0)
-    monkeypatch.setattr(distributed, "_world_size", 1)
-    return layers
-
-
 def loaded(layer: LinearBase, grid) -> LinearBase:
     layer.weight.weight_loader(layer.weight, grid, None)
     layer.quant.after_load(layer)
@@ -196,8 +184,8 @@ def test_column_and_row_parallel_shards_are_the_checkpoints_slices(variant, monk
     grid, (q, s, z, w) = one_linear(variant, 256, 256)
     whole = loaded(ColumnParallelLinear(256, 256, quant=quant_method("gptq")), grid)
     assert_layer_is_grid(whole, q, s, z, w, f"{variant} one rank")
-    cols = on_ranks(monkeypatch, lambda: loaded(ColumnParallelLinear(256, 256, quant=quant_method("gptq")), grid))
-    rows = on_ranks(monkeypatch, lambda: loaded(RowParallelLinear(256, 256, quant=quant_method("gptq")), grid))
+    cols = ranks(monkeypatch, lambda: loaded(ColumnParallelLinear(256, 256, quant=quant_method("gptq")), grid))
+    rows = ranks(monkeypatch, lambda: loaded(RowParallelLinear(256, 256, quant=quant_method("gptq")), grid))
     for r, (c, part) in enumerate(zip(cols, rows)):
         sl = slice(128 * r, 128 * (r + 1))
         assert_layer_is_grid(c, q[sl], s[sl], z[sl], w[sl], f"{variant} column rank {r}")
@@ -238,7 +226,7 @@ def test_float_parts_and_shapes_off_the_kernel_take_int4s_float_path(caplog, mon
 def test_a_row_split_off_the_kernels_groups_is_an_error(monkeypatch):
     grid, _ = one_linear("gptq-v1-asym-g32", 64, 192)  # 4 ranks: 48 input features each
     with pytest.raises(ValueError, match="multiples of 32"):
-        on_ranks(monkeypatch, lambda: loaded(RowParallelLinear(192, 64, quant=quant_method("gptq")), grid), tp=4)
+        ranks(monkeypatch, lambda: loaded(RowParallelLinear(192, 64, quant=quant_method("gptq")), grid), tp=4)
 
 
 # ---- 2. the served model is transformers' on the dequantized checkpoint -------------------------------

@@ -11,12 +11,11 @@ import sys
 import pytest
 import torch
 
-from tgserve import distributed
 from tgserve.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                                    ReplicatedLinear, RowParallelLinear)
 from tgserve.quant import quant_method
 
-from quant.reference import METHODS, needs_package, reference_matmul
+from quant.reference import METHODS, needs_package, ranks, reference_matmul
 
 IN = 192
 # decode rows (the packed kernels), a batch past int8's switch to dequantize-then-GEMM, a prefill chunk
@@ -120,18 +119,6 @@ def test_a_part_loaded_twice_is_an_error(method):
     layer.weight.weight_loader(layer.weight, weights(64, IN), None)
     with pytest.raises(ValueError, match="loaded twice"):
         layer.weight.weight_loader(layer.weight, weights(64, IN), None)
-
-
-def ranks(monkeypatch, build, tp: int = 2) -> list:
-    """`build()` as each rank of a tensor-parallel group would (no process group needed to load)."""
-    layers = []
-    for rank in range(tp):
-        monkeypatch.setattr(distributed, "_rank", rank)
-        monkeypatch.setattr(distributed, "_world_size", tp)
-        layers.append(build())
-    monkeypatch.setattr(distributed, "_rank", 0)
-    monkeypatch.setattr(distributed, "_world_size", 1)
-    return layers
 
 
 @pytest.mark.parametrize("method", METHODS)
