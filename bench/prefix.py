@@ -15,8 +15,8 @@ import argparse
 import asyncio
 import signal
 
-from bench.loadgen import TOPICS, run_load
-from bench.run import start_server
+from tgserve.benchmark.loadgen import TOPICS, run_load
+from tgserve.benchmark.sweep import start_server
 from tgserve import hardware
 from tgserve.config import DEFAULT_MODEL_ID, ModelConfig
 from tgserve.weights.locate import locate_model

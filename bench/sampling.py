@@ -24,8 +24,8 @@ import time
 import jsonschema
 import torch
 
-from bench.loadgen import make_prompts, run_load
-from bench.run import start_server
+from tgserve.benchmark.loadgen import make_prompts, run_load
+from tgserve.benchmark.sweep import start_server
 from tgserve import hardware
 from tgserve.config import DEFAULT_MODEL_ID, ModelConfig
 from tgserve.weights.locate import locate_model

@@ -88,10 +88,17 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     convert.add_argument("--model-id", default=environ.get("MODEL_ID", DEFAULT_MODEL_ID))
     convert.add_argument("--cache-dir", default=environ.get("CACHE_DIR"))
     sub.add_parser("version", help="print the version")
+    sub.add_parser("bench", add_help=False, help="benchmark a server over a concurrency sweep "
+                                                  "(`tgserve bench --help` lists its options)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own options (tgserve/benchmark/sweep.py)
+        from tgserve.benchmark.sweep import main as bench
+
+        return bench(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "version":
         from tgserve import __version__

@@ -27,10 +27,14 @@ STYLES = ["Write a long, detailed essay about {}.", "Explain at length, step by 
 
 
 def make_prompts(tokenizer, n: int = 64) -> list[str]:
-    """n chat-template-wrapped 'write at length' prompts (~30-40 tokens each)."""
+    """n chat-template-wrapped 'write at length' prompts (~30-40 tokens each; the bare requests for
+    a model without a chat template)."""
     prompts = []
     for i in range(n):
         question = STYLES[i % len(STYLES)].format(TOPICS[(i // len(STYLES)) % len(TOPICS)])
+        if getattr(tokenizer, "chat_template", None) is None:
+            prompts.append(question)
+            continue
         prompts.append(tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                                      tokenize=False, add_generation_prompt=True))
     return prompts
@@ -104,9 +108,11 @@ async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_new_to
 
 async def run_load(url: str, prompts: list[str], concurrency: int, num_requests: int, max_new_tokens: int,
                    parameters: Callable[[int, int], dict] | None = None,
-                   client_prompts: Callable[[int], list[str]] | None = None) -> LoadResult:
+                   client_prompts: Callable[[int], list[str]] | None = None,
+                   on_result: Callable[[LoadResult], None] | None = None) -> LoadResult:
     """`parameters(client, n)`: extra request parameters of client's n-th request (default: greedy);
-    `client_prompts(client)`: the prompts a client draws from instead of `prompts`."""
+    `client_prompts(client)`: the prompts a client draws from instead of `prompts`; `on_result`
+    is called after each request ends (progress)."""
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(num_requests):
         queue.put_nowait(i)
@@ -122,6 +128,8 @@ async def run_load(url: str, prompts: list[str], concurrency: int, num_requests:
                 r = await _one(session, url, own[n % len(own)], max_new_tokens, extra)
                 r.client = index
                 result.results.append(r)
+                if on_result is not None:
+                    on_result(result)
 
         start = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(concurrency)))
