@@ -29,7 +29,10 @@ def test_a_tiny_model_over_two_shards_equals_transformers(tmp_path, server_facto
     folder = llama_3_groups(str(tmp_path / "model"))
     server = server_factory(folder, *TINY_SERVER_ARGS, *SHARDS)
     try:
+        from tgserve.hardware import cpu_cores
+
         assert "float32 on cpu, 2 ranks" in server.logs()
+        assert f"; {max(1, cpu_cores() // 2)} intra-op threads per rank" in server.logs()  # the host's cores, shared
         check_served(server, folder)
     finally:
         server.stop()

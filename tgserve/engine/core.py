@@ -289,8 +289,9 @@ def engine_main(config: Config, rank: int = 0) -> None:
         core.stopping = True
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    log.info("engine ready: %d KV blocks of %d tokens, %s on %s%s", ready.num_blocks, ready.block_size,
-             ready.dtype, ready.device, f", {shard.num_shard} ranks" if shard.num_shard > 1 else "")
+    log.info("engine ready: %d KV blocks of %d tokens, %s on %s%s; %d intra-op threads%s", ready.num_blocks,
+             ready.block_size, ready.dtype, ready.device, f", {shard.num_shard} ranks" if shard.num_shard > 1 else "",
+             torch.get_num_threads(), " per rank" if shard.num_shard > 1 else "")
     channel.send(ready)
     try:
         core.run(channel)
