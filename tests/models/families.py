@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import httpx
+import pytest
 import torch
 
 from tgserve.weights.loader import load_model
@@ -48,6 +49,16 @@ def build(folder: str, config, model_cls, seed: int = 0, tokenizer: bool = True)
             tensors[key] = t.contiguous()
         save_file(tensors, path, metadata={"format": "pt"})
     return folder
+
+
+def family_fixture(families: dict):
+    """A module-scoped fixture over `families` (name → builder): (name, folder built once per module)."""
+
+    @pytest.fixture(scope="module", params=list(families))
+    def family(request, tmp_path_factory):
+        return request.param, families[request.param](str(tmp_path_factory.mktemp(request.param)))
+
+    return family
 
 
 def prompts(vocab_size: int, lengths=LENGTHS, seed: int = 0) -> list[list[int]]:

@@ -12,7 +12,8 @@ import traceback
 import pytest
 import torch
 
-from models.families import CPU, LENGTHS, build, check_greedy, engine_greedy, prompts, serve_and_check
+from models.families import (CPU, LENGTHS, build, check_greedy, engine_greedy, family_fixture, prompts,
+                             serve_and_check)
 from conftest import run_ranks
 
 TINY = dict(vocab_size=400, hidden_size=64, eos_token_id=0, bos_token_id=1, pad_token_id=1)
@@ -60,9 +61,7 @@ def gemma3(folder):
 FAMILIES = {"bloom": bloom, "bloom_post_ln_residual": bloom_post_ln_residual, "gemma2": gemma2, "gemma3": gemma3}
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
-    return request.param, FAMILIES[request.param](str(tmp_path_factory.mktemp(request.param)))
+family = family_fixture(FAMILIES)
 
 
 def test_greedy_equals_transformers_alone_and_batched(family):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import TINY_SERVER_ARGS
-from models.families import CPU, build, prompts, transformers_greedy
+from models.families import build, CPU, family_fixture, prompts, transformers_greedy
 
 # learned positions (BART), sinusoidal positions and decoder start = pad (Marian), relative bias (UMT5)
 SIZES = dict(vocab_size=400, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
@@ -45,9 +45,7 @@ def umt5(folder):
 FAMILIES = {"bart": bart, "marian": marian, "umt5": umt5}
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
-    return request.param, FAMILIES[request.param](str(tmp_path_factory.mktemp(request.param)))
+family = family_fixture(FAMILIES)
 
 
 def fallback_greedy(folder: str, batch: list[list[int]], lengths: list[int], budget: int,

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from models.families import build, check_greedy, serve_and_check
+from models.families import build, check_greedy, family_fixture, serve_and_check
 
 # max_position_embeddings covers the tiny server's --max-total-tokens 512
 OPT_TINY = dict(vocab_size=400, hidden_size=64, ffn_dim=128, num_hidden_layers=3, num_attention_heads=4,
@@ -68,9 +68,7 @@ FAMILIES = {"gpt2": gpt2, "opt": opt_pre_norm, "opt-350m": opt_post_norm_project
             "neox-parallel": neox_parallel, "neox-sequential": neox_sequential}
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
-    return request.param, FAMILIES[request.param](str(tmp_path_factory.mktemp(request.param)))
+family = family_fixture(FAMILIES)
 
 
 def test_greedy_equals_transformers_alone_and_batched(family):

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from models.families import build, check_greedy, serve_and_check
+from models.families import build, check_greedy, family_fixture, serve_and_check
 
 TINY = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, eos_token_id=0)
@@ -62,9 +62,7 @@ def llama_3_groups(folder):
 FAMILIES = {"llama3": llama3, "mistral": mistral, "qwen2": qwen2, "qwen3": qwen3, "phi3": phi3}
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
-    return request.param, FAMILIES[request.param](str(tmp_path_factory.mktemp(request.param)))
+family = family_fixture(FAMILIES)
 
 
 def test_greedy_equals_transformers_alone_and_batched(family):

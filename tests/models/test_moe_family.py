@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from models.families import CPU, build, check_greedy, serve_and_check
+from models.families import build, check_greedy, CPU, family_fixture, serve_and_check
 from tgserve.weights.loader import CheckpointMismatch, load_model
 
 TINY = dict(vocab_size=400, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -49,9 +49,7 @@ def qwen3_moe(folder):
 FAMILIES = {"mixtral": mixtral, "qwen3_moe": qwen3_moe}
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
-    return request.param, FAMILIES[request.param](str(tmp_path_factory.mktemp(request.param)))
+family = family_fixture(FAMILIES)
 
 
 def test_greedy_equals_transformers_alone_and_batched(family):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.families import build, check_greedy, serve_and_check
+from models.families import build, check_greedy, family_fixture, serve_and_check
 
 TINY = dict(vocab_size=400, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
             relative_attention_num_buckets=8, relative_attention_max_distance=20, eos_token_id=0, pad_token_id=0,
@@ -30,9 +30,7 @@ def mt5(folder):
 FAMILIES = {"t5": t5, "mt5": mt5}
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
-    return request.param, FAMILIES[request.param](str(tmp_path_factory.mktemp(request.param)))
+family = family_fixture(FAMILIES)
 
 
 def test_greedy_equals_transformers_alone_and_batched(family):
