@@ -80,3 +80,101 @@ def test_the_seeds_load_test_shrunk_in_time(tiny_llama_dir, server_factory, tmp_
     assert result["failures"] == 0 and result["requests"] >= 7 and result["requests"] % 7 == 0
     assert result["min"] <= result["med"] <= result["p90"] <= result["max"] and result["rps"] > 0
     assert "| tgserve |" in run.stdout
+
+
+FAKE_LLAMA = os.path.join(os.path.dirname(__file__), "fake_llama_server.py")
+
+
+def fake_llama_cpp(tmp_path) -> tuple[dict, str]:
+    """A cached 'build' of llama.cpp whose tools are the stand-in (tests/e2e/fake_llama_server.py):
+    the environment pointing `--peer llama.cpp` at it, and the log of what it was asked."""
+    bin_dir = tmp_path / "llama.cpp" / "build" / "bin"
+    bin_dir.mkdir(parents=True)
+    for tool in ("llama-server", "llama-quantize"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\nexec {sys.executable} {FAKE_LLAMA} {tool} "$@"\n')
+        (bin_dir / tool).chmod(0o755)
+    log = str(tmp_path / "fake-llama.log")
+    return {**os.environ, "TGSERVE_LLAMA_CPP_DIR": str(tmp_path / "llama.cpp"), "FAKE_LLAMA_LOG": log}, log
+
+
+def logged(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_a_sweep_beside_llama_cpp(smollm2_server, tmp_path):
+    """--peer llama.cpp: the model's GGUF converted to the run's dtype by llama-quantize, llama-server
+    started with a slot per client of the largest level, the same requests (greedy, EOS ignored,
+    fixed length) streamed from its /completion, and the same-run comparison printed and saved."""
+    env, log = fake_llama_cpp(tmp_path)
+    out = str(tmp_path / "results")
+    run = subprocess.run([sys.executable, "-m", "tgserve", "bench", "--url", smollm2_server.url, "--peer", "llama.cpp",
+                          "--peer-port", str(free_port()), "--dtype", "bfloat16", "--concurrency", "1,3",
+                          "--requests", "6", "--max-new-tokens", "5", "--no-baseline", "--output-dir", out],
+                         capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    entries = logged(log)
+    quantize = next(e["argv"] for e in entries if e.get("tool") == "llama-quantize")
+    assert quantize[0] == "--allow-requantize" and quantize[1].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert quantize[3] == "BF16"
+    server_argv = next(e["argv"] for e in entries if e.get("tool") == "llama-server")
+    assert server_argv[server_argv.index("--parallel") + 1] == "3"
+    assert server_argv[server_argv.index("-m") + 1].endswith("SmolLM2-135M-Instruct.BF16.gguf")
+    bodies = [e["request"] for e in entries if "request" in e]
+    assert len(bodies) == 2 + 8 + 6  # warm-up, 1 client (8 requests), 3 clients
+    assert all(b["stream"] and b["ignore_eos"] and b["temperature"] == 0.0 for b in bodies)
+    assert {b["n_predict"] for b in bodies[2:]} == {5}
+    figures, png = outputs(out)
+    assert [(r["server"], r["concurrency"], r["requests"]) for r in figures["peer_rows"]] == [
+        ("llama.cpp", 1, 8), ("llama.cpp", 3, 6)]
+    assert all(r["output_tok_s"] > 0 and r["itl_p50"] > 0 for r in figures["peer_rows"])
+    assert "tgserve against llama.cpp, same run:" in run.stdout and "| llama.cpp, 3 clients |" in run.stdout
+    assert png.startswith(b"\x89PNG")
+
+
+def test_the_seeds_load_test_beside_llama_cpp(smollm2_server, tmp_path):
+    """The seed's requests sent to llama-server as it asks for them: sampled ones with top-p and the
+    seed (llama.cpp's own top-k / min-p filters off), greedy ones at temperature 0; both reported."""
+    env, log = fake_llama_cpp(tmp_path)
+    out = str(tmp_path / "results")
+    run = subprocess.run([sys.executable, "-m", "tgserve", "bench", "--url", smollm2_server.url, "--peer", "llama.cpp",
+                          "--peer-port", str(free_port()), "--dtype", "bfloat16", "--scenario", "seed",
+                          "--time-scale", "0.01", "--output-dir", out],
+                         capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=env)
+    assert run.returncode == 0, run.stdout + run.stderr
+    bodies = [e["request"] for e in logged(log) if "request" in e and not e["request"]["stream"]]
+    sampled = [b for b in bodies if b["temperature"] != 0.0]
+    assert sampled and all(b["top_p"] == 0.9 and b["top_k"] == 0 and b["min_p"] == 0.0 and b["seed"] == 0
+                           for b in sampled)
+    assert len(bodies) - len(sampled) >= 2 * len(bodies) // 7 - 2 and not any(b["ignore_eos"] for b in bodies)
+    [path] = glob.glob(os.path.join(out, "seed-*.json"))
+    with open(path) as f:
+        result = json.load(f)
+    assert result["failures"] == 0 and result["peers"]["llama.cpp"]["failures"] == 0
+    assert result["peers"]["llama.cpp"]["requests"] >= 7
+    assert "| llama.cpp |" in run.stdout and "tgserve / llama.cpp requests per second" in run.stdout
+
+
+def test_the_real_llama_server_when_it_is_built(tmp_path):
+    """Where `tgserve bench --peer llama.cpp` has built llama.cpp on this machine (it takes minutes, so
+    tests never build it), the load generator's llama.cpp client against the real server: every
+    token of a fixed-length greedy request arrives as its own event."""
+    import asyncio
+
+    from tgserve.benchmark import peer
+    from tgserve.benchmark.loadgen import run_load
+
+    bin_dir = os.path.join(peer.cache_dir(), "build", "bin")
+    model = glob.glob(os.path.join(peer.cache_dir(), "models", "*.BF16.gguf"))
+    if not os.access(os.path.join(bin_dir, "llama-server"), os.X_OK) or not model:
+        pytest.skip("llama.cpp is not built here (tgserve bench --peer llama.cpp builds it)")
+    server = peer.start(bin_dir, model[0], free_port(), 2, 2)
+    try:
+        url = f"http://127.0.0.1:{server.args[server.args.index('--port') + 1]}"
+        result = asyncio.run(run_load(url, ["Tell me a story.", "Why is the sky blue?"], 2, 4, 12,
+                                      protocol="llama.cpp"))
+    finally:
+        peer.stop(server)
+    assert [r.error for r in result.results] == [None] * 4
+    assert [r.tokens for r in result.results] == [12] * 4 and all(len(r.itls) == 11 for r in result.results)
+    assert all(r.text for r in result.results)

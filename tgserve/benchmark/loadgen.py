@@ -1,4 +1,5 @@
-"""Closed-loop load generator: N concurrent streaming clients against TGI's /generate_stream.
+"""Closed-loop load generator: N concurrent streaming clients against TGI's /generate_stream (or,
+for a peer, llama.cpp's llama-server /completion with the same work asked for).
 
 Each client sends its next request as soon as its previous one ends. Every request asks for a fixed
 number of tokens (EOS ignored), so throughput counts the same work whatever the model says.
@@ -81,23 +82,62 @@ def _pct(values: list[float], p: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, int(p) - 1))]
 
 
+def llama_cpp_body(prompt: str, max_new_tokens: int, parameters: dict, stream: bool) -> dict:
+    """TGI's request parameters as llama-server's /completion asks for them: greedy is temperature
+    0; sampling turns off llama.cpp's own default filters (top-k 40, min-p 0.05) that TGI does not
+    apply unless asked."""
+    body = {"prompt": prompt, "n_predict": max_new_tokens, "stream": stream, "cache_prompt": True,
+            "ignore_eos": bool(parameters.get("ignore_eos_token"))}
+    if parameters.get("do_sample"):
+        body.update(temperature=parameters.get("temperature") or 1.0, top_k=parameters.get("top_k") or 0,
+                    top_p=parameters.get("top_p") or 1.0, min_p=0.0)
+        if parameters.get("seed") is not None:
+            body["seed"] = parameters["seed"]
+    else:
+        body["temperature"] = 0.0
+    return body
+
+
+def request_for(protocol: str, prompt: str, max_new_tokens: int, parameters: dict, stream: bool
+                ) -> tuple[str, dict]:
+    """(route, JSON body) of one request in `protocol` ("tgi" or "llama.cpp")."""
+    if protocol == "llama.cpp":
+        return "/completion", llama_cpp_body(prompt, max_new_tokens, parameters, stream)
+    if protocol != "tgi":
+        raise ValueError(f"unknown protocol {protocol!r}")
+    return ("/generate_stream" if stream else "/generate",
+            {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, **parameters}})
+
+
+def _headers(protocol: str) -> dict[str, str]:
+    # llama-server closes a connection after a streamed response; a reused one fails the next request
+    return {"Connection": "close"} if protocol == "llama.cpp" else {}
+
+
 async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_new_tokens: int,
-               extra: dict | None = None) -> RequestResult:
-    parameters = {"max_new_tokens": max_new_tokens, "ignore_eos_token": True, **(extra or {})}
-    body = {"inputs": prompt, "parameters": parameters}
+               extra: dict | None = None, protocol: str = "tgi") -> RequestResult:
+    route, body = request_for(protocol, prompt, max_new_tokens, {"ignore_eos_token": True, **(extra or {})}, True)
     start = time.perf_counter()
     stamps: list[float] = []
     error = None
     text = ""
-    async with session.post(url + "/generate_stream", json=body) as response:
+    async with session.post(url + route, json=body, headers=_headers(protocol)) as response:
+        if response.status != 200:
+            error = f"HTTP {response.status}: {(await response.text())[:200]}"
         async for raw in response.content:
             line = raw.decode().strip()
             if not line.startswith("data:"):
                 continue
             payload = json.loads(line[5:])
             if "error" in payload:
-                error = payload["error"]
+                error = str(payload["error"])
                 break
+            if protocol == "llama.cpp":  # one event per token, then a final one (stop) without a token
+                if payload.get("stop"):
+                    continue
+                text += payload.get("content") or ""
+                stamps.extend([time.perf_counter()] * max(1, len(payload.get("tokens") or [])))
+                continue
             stamps.append(time.perf_counter())
             text = payload.get("generated_text") or ""
     if not stamps:
@@ -109,8 +149,8 @@ async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_new_to
 async def run_load(url: str, prompts: list[str], concurrency: int, num_requests: int, max_new_tokens: int,
                    parameters: Callable[[int, int], dict] | None = None,
                    client_prompts: Callable[[int], list[str]] | None = None,
-                   on_result: Callable[[LoadResult], None] | None = None) -> LoadResult:
-    """`parameters(client, n)`: extra request parameters of client's n-th request (default: greedy);
+                   on_result: Callable[[LoadResult], None] | None = None, protocol: str = "tgi") -> LoadResult:
+    """`protocol`: the server's API ("tgi", or "llama.cpp" for llama-server); `parameters(client, n)`: extra request parameters of client's n-th request (default: greedy);
     `client_prompts(client)`: the prompts a client draws from instead of `prompts`; `on_result`
     is called after each request ends (progress)."""
     queue: asyncio.Queue[int] = asyncio.Queue()
@@ -125,7 +165,7 @@ async def run_load(url: str, prompts: list[str], concurrency: int, num_requests:
             while not queue.empty():
                 n = queue.get_nowait()
                 extra = parameters(index, n) if parameters else None
-                r = await _one(session, url, own[n % len(own)], max_new_tokens, extra)
+                r = await _one(session, url, own[n % len(own)], max_new_tokens, extra, protocol)
                 r.client = index
                 result.results.append(r)
                 if on_result is not None:

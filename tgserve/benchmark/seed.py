@@ -16,6 +16,8 @@ import time
 
 import aiohttp
 
+from tgserve.benchmark.loadgen import _headers, request_for
+
 STAGES = [(60.0, 50), (120.0, 100), (60.0, 0)]  # (seconds, virtual users at the stage's end)
 THINK_SECONDS = 1.0
 
@@ -47,7 +49,8 @@ def target_users(elapsed: float, stages: list[tuple[float, int]]) -> float:
     return 0.0
 
 
-async def run_seed(url: str, time_scale: float = 1.0, progress=None) -> dict:
+async def run_seed(url: str, time_scale: float = 1.0, progress=None, protocol: str = "tgi") -> dict:
+    """`protocol`: "tgi" (/generate) or "llama.cpp" (llama-server's /completion, the same requests)."""
     stages = [(seconds * time_scale, users) for seconds, users in STAGES]
     total = sum(seconds for seconds, _ in stages)
     latencies: list[float] = []
@@ -64,10 +67,10 @@ async def run_seed(url: str, time_scale: float = 1.0, progress=None) -> dict:
                 await asyncio.sleep(0.1 * time_scale + 0.01)
                 continue
             for prompt, new_tokens, parameters in REQUESTS:
-                body = {"inputs": prompt, "parameters": {"max_new_tokens": new_tokens, **parameters}}
+                route, body = request_for(protocol, prompt, new_tokens, parameters, stream=False)
                 sent = time.perf_counter()
                 try:
-                    async with session.post(url + "/generate", json=body) as response:
+                    async with session.post(url + route, json=body, headers=_headers(protocol)) as response:
                         await response.read()
                         ok = response.status == 200
                 except aiohttp.ClientError:

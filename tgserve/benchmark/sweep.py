@@ -5,12 +5,16 @@ baseline measured in the same run.
     tgserve bench --url http://127.0.0.1:3000       # a server already running
     tgserve bench --concurrency 1,32 --max-new-tokens 64 --no-baseline
     tgserve bench --scenario seed                   # the seed's own load test (its k6 scenario) instead
+    tgserve bench --peer llama.cpp                  # llama.cpp's llama-server too, same load, same run
 
 Fixed prompts (chat-wrapped "write at length" requests) and a fixed output length (EOS ignored), so
 every level does the same work per request. Shows progress while it runs, then prints a table
 (output tok/s, ratios to the baselines, TTFT / ITL / latency percentiles) and where the engine's
 step time went (its /metrics profile), and writes the figures as JSON and a PNG plot (tok/s and ITL
-p50 against concurrency) into --output-dir.
+p50 against concurrency) into --output-dir. With --peer llama.cpp, llama.cpp's llama-server (built once
+from the llama-cpp-python source package, tgserve/benchmark/peer.py) serves the same weights in the
+same dtype with a slot per client of the largest level, and runs the same levels (or the seed's
+scenario) after tgserve; the table gives tgserve's ratio to it at each level.
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ def table(rows: list[dict], base: list[dict]) -> str:
              + "req/s | TTFT p50 | ITL p50 | ITL p90 | latency p50 | errors |",
              "|---" * (8 + len(base)) + "|"]
     for row in base + rows:
-        name = row.get("mode") or f"tgserve, {row['concurrency']} clients"
+        name = row.get("mode") or f"{row.get('server', 'tgserve')}, {row['concurrency']} clients"
         ttft, itl, itl90 = row.get("ttft_p50"), row.get("itl_p50"), row.get("itl_p90")
         lines.append(f"| {name} | {row['output_tok_s']:.1f} | "
                      + "".join(f"{row['output_tok_s'] / h:.2f}x | " for h in heads)
@@ -102,8 +106,24 @@ def table(rows: list[dict], base: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], base: list[dict], path: str, title: str) -> None:
-    """tok/s and ITL p50 against concurrency (the baselines as horizontal lines)."""
+def peer_table(rows: list[dict], peer_rows: list[dict], peer: str) -> str:
+    """tgserve against the peer, level by level: throughput ratio, ITL and TTFT p50 side by side."""
+    lines = [f"| clients | tgserve tok/s | {peer} tok/s | ratio | ITL p50 tgserve / {peer} | "
+             f"TTFT p50 tgserve / {peer} | TTFT ratio |", "|---" * 7 + "|"]
+    theirs = {r["concurrency"]: r for r in peer_rows}
+    for row in rows:
+        other = theirs.get(row["concurrency"])
+        if other is None:
+            continue
+        lines.append(f"| {row['concurrency']} | {row['output_tok_s']:.1f} | {other['output_tok_s']:.1f} | "
+                     f"**{row['output_tok_s'] / other['output_tok_s']:.2f}x** | "
+                     f"{row['itl_p50'] * 1000:.1f} / {other['itl_p50'] * 1000:.1f} ms | "
+                     f"{row['ttft_p50']:.3f} / {other['ttft_p50']:.3f} s | {row['ttft_p50'] / other['ttft_p50']:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], base: list[dict], path: str, title: str, peer_rows: list[dict] | None = None) -> None:
+    """tok/s and ITL p50 against concurrency (the peer's too; the baselines as horizontal lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,13 +132,20 @@ def plot(rows: list[dict], base: list[dict], path: str, title: str) -> None:
     levels = [r["concurrency"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     left.plot(levels, [r["output_tok_s"] for r in rows], "o-", label="tgserve")
+    if peer_rows:
+        peer = peer_rows[0]["server"]
+        left.plot([r["concurrency"] for r in peer_rows], [r["output_tok_s"] for r in peer_rows], "s-",
+                  color="tab:green", label=peer)
+        right.plot([r["concurrency"] for r in peer_rows], [1000 * r["itl_p50"] for r in peer_rows], "s-",
+                   color="tab:green", label=f"{peer} ITL p50")
+        left.legend()
     for b in base:
         left.axhline(b["output_tok_s"], linestyle="--", color="gray", linewidth=1)
         left.annotate(f"transformers, {b['mode'].split(', ')[-1]}", (levels[0], b["output_tok_s"]),
                       textcoords="offset points", xytext=(2, 3), fontsize=8, color="gray")
     left.set(xlabel="concurrent streaming clients", ylabel="output tokens/s", title="throughput")
-    right.plot(levels, [1000 * r["itl_p50"] for r in rows], "o-", color="tab:orange", label="ITL p50")
-    right.plot(levels, [1000 * r["itl_p90"] for r in rows], "o--", color="tab:red", label="ITL p90")
+    right.plot(levels, [1000 * r["itl_p50"] for r in rows], "o-", color="tab:orange", label="tgserve ITL p50")
+    right.plot(levels, [1000 * r["itl_p90"] for r in rows], "o--", color="tab:red", label="tgserve ITL p90")
     right.set(xlabel="concurrent streaming clients", ylabel="ms", title="inter-token latency")
     right.legend()
     for ax in (left, right):
@@ -130,32 +157,94 @@ def plot(rows: list[dict], base: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+class Peer:
+    """llama.cpp's llama-server (tgserve/benchmark/peer.py) on the same weights in the same dtype:
+    built and converted once, started for a run, stopped after it."""
+
+    def __init__(self, model_id: str, dtype: str, port: int, parallel: int):
+        from tgserve.benchmark import peer
+        from tgserve.config import DEFAULT_MODEL_ID
+        from tgserve.weights.locate import packaged_gguf
+
+        gguf = packaged_gguf() if model_id == DEFAULT_MODEL_ID else model_id
+        if not gguf or not gguf.endswith(".gguf"):
+            raise SystemExit("--peer llama.cpp needs the model as a GGUF: the default model, or --model-id FILE.gguf")
+        self.bin_dir = peer.build(say=lambda line: print(line, flush=True))
+        self.gguf = peer.convert(self.bin_dir, gguf, dtype, say=lambda line: print(line, flush=True))
+        self.port, self.parallel, self.proc = port, parallel, None
+
+    def __enter__(self) -> str:
+        from tgserve.benchmark import peer
+
+        print(f"starting llama-server ({os.path.basename(self.gguf)}, --parallel {self.parallel}, "
+              f"{os.cpu_count()} threads) on port {self.port}...", flush=True)
+        self.proc = peer.start(self.bin_dir, self.gguf, self.port, self.parallel, os.cpu_count() or 1)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc) -> None:
+        from tgserve.benchmark import peer
+
+        peer.stop(self.proc)
+
+
 def seed_scenario(args, model_dir: str, dtype: str) -> int:
     from tgserve.benchmark.seed import run_seed
 
     print(f"tgserve bench, the seed's load test: {args.model_id} ({dtype}), time scale {args.time_scale}",
           flush=True)
+    peer = Peer(args.model_id, dtype, args.peer_port, 100) if args.peer else None
     server = None
     if args.url is None:
         print(f"starting tgserve serve on port {args.port}...", flush=True)
         server = start_server(model_dir, dtype, args.port, args.server_args.split())
     url = (args.url or f"http://127.0.0.1:{args.port}").rstrip("/")
+    results = {}
     try:
         asyncio.run(run_load(url, ["warm-up"], 1, 2, 8))
-        result = asyncio.run(run_seed(url, args.time_scale, progress=lambda line: print(line, flush=True)))
+        results["tgserve"] = asyncio.run(run_seed(url, args.time_scale,
+                                                  progress=lambda line: print(line, flush=True)))
     finally:
         if server is not None:
             server.send_signal(signal.SIGTERM)
             server.wait(120)
+    if peer is not None:
+        with peer as peer_url:
+            asyncio.run(run_load(peer_url, ["warm-up"], 1, 2, 8, protocol="llama.cpp"))
+            results[args.peer] = asyncio.run(run_seed(peer_url, args.time_scale, protocol="llama.cpp",
+                                                      progress=lambda line: print(line, flush=True)))
     print("\n| | avg | min | med | max | p(90) | p(95) | RPS | failed |\n|---|---|---|---|---|---|---|---|---|")
-    print(f"| tgserve | {result['avg']:.2f} s | {result['min']:.2f} s | {result['med']:.2f} s | {result['max']:.2f} s | "
-          f"{result['p90']:.2f} s | {result['p95']:.2f} s | {result['rps']:.2f} | {result['failures']} |")
+    for name, result in results.items():
+        print(f"| {name} | {result['avg']:.2f} s | {result['min']:.2f} s | {result['med']:.2f} s | "
+              f"{result['max']:.2f} s | {result['p90']:.2f} s | {result['p95']:.2f} s | {result['rps']:.2f} | "
+              f"{result['failures']} |")
+    if peer is not None:
+        print(f"\ntgserve / {args.peer} requests per second: "
+              f"**{results['tgserve']['rps'] / results[args.peer]['rps']:.2f}x**")
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, f"seed-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
-        json.dump({"model": args.model_id, "dtype": dtype, "time_scale": args.time_scale, **result}, f, indent=2)
+        json.dump({"model": args.model_id, "dtype": dtype, "time_scale": args.time_scale, **results["tgserve"],
+                   "peers": {k: v for k, v in results.items() if k != "tgserve"}}, f, indent=2)
     print(f"\nfigures: {path}")
-    return 1 if result["failures"] else 0
+    return 1 if any(r["failures"] for r in results.values()) else 0
+
+
+def sweep_levels(url: str, prompts: list[str], levels: list[int], args, protocol: str = "tgi",
+                 server: str = "tgserve") -> tuple[list[dict], dict]:
+    """Each level in turn (after a warm-up): its summary row, and the engine's step profile per level
+    (tgserve only: its /metrics)."""
+    rows, profiles = [], {}
+    asyncio.run(run_load(url, prompts, 1, 2, 8, protocol=protocol))  # warm-up: first-use costs are not a level's
+    for c in levels:
+        n = 8 if c == 1 else max(args.requests, c)
+        before = engine_profile(url) if protocol == "tgi" else {}
+        result = asyncio.run(run_load(url, prompts, c, n, args.max_new_tokens, protocol=protocol,
+                                      on_result=Progress(f"{server}, {c} clients", n)))
+        summary = {"server": server, **result.summary()}
+        if protocol == "tgi":
+            summary["step_profile"] = profiles[f"{c} clients"] = profile_row(before, engine_profile(url))
+        rows.append(summary)
+    return rows, profiles
 
 
 def parser() -> argparse.ArgumentParser:
@@ -177,6 +266,11 @@ def parser() -> argparse.ArgumentParser:
                    help="sweep: the concurrency sweep; seed: TGI's original k6 load test (100 virtual users, "
                         "4 minutes; see tgserve/benchmark/seed.py), reported like k6, no baseline or plot")
     p.add_argument("--time-scale", type=float, default=1.0, help="seed scenario: shrink its stages and think time")
+    p.add_argument("--peer", choices=["llama.cpp"], default=None,
+                   help="also run the same load against llama.cpp's llama-server in the same run (built once "
+                        "from the llama-cpp-python source package on PyPI, cached in ~/.cache/tgserve/llama.cpp; "
+                        "the model re-quantized to the same dtype as a GGUF)")
+    p.add_argument("--peer-port", type=int, default=3988, help="port of the peer server")
     return p
 
 
@@ -198,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tgserve bench: {args.model_id} ({dtype}), {args.max_new_tokens} new tokens per request, "
           f"clients {levels}, {os.cpu_count()} cores", flush=True)
 
+    peer = Peer(args.model_id, dtype, args.peer_port, max(levels)) if args.peer else None  # built before timing
     base = [] if args.no_baseline else baselines(model_dir, dtype, prompts, args.max_new_tokens,
                                                   args.hf_sequential, args.hf_batch)
     server = None
@@ -205,23 +300,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"starting tgserve serve on port {args.port}...", flush=True)
         server = start_server(model_dir, dtype, args.port, args.server_args.split())
     url = (args.url or f"http://127.0.0.1:{args.port}").rstrip("/")
-    rows, profiles = [], {}
     try:
-        asyncio.run(run_load(url, prompts, 1, 2, 8))  # warm-up: first-use costs are not a level's
-        for c in levels:
-            n = 8 if c == 1 else max(args.requests, c)
-            before = engine_profile(url)
-            result = asyncio.run(run_load(url, prompts, c, n, args.max_new_tokens,
-                                          on_result=Progress(f"{c} clients", n)))
-            summary = result.summary()
-            summary["step_profile"] = profiles[f"{c} clients"] = profile_row(before, engine_profile(url))
-            rows.append(summary)
+        rows, profiles = sweep_levels(url, prompts, levels, args)
     finally:
         if server is not None:
             server.send_signal(signal.SIGTERM)
             server.wait(120)
+    peer_rows = []
+    if peer is not None:
+        with peer as peer_url:
+            peer_rows, _ = sweep_levels(peer_url, prompts, levels, args, protocol="llama.cpp", server=args.peer)
 
-    print("\n" + table(rows, base))
+    print("\n" + table(rows + peer_rows, base))
+    if peer_rows:
+        print(f"\ntgserve against {args.peer}, same run:")
+        print(peer_table(rows, peer_rows, args.peer))
     if any(profiles.values()):
         print("\nwhere an engine step's time goes (ms per step; attention is inside the forward pass, \"forward\" "
               "is the rest of it; api_outputs is the API process's handling of the step's outputs):")
@@ -231,10 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     json_path = os.path.join(args.output_dir, f"bench-{stamp}.json")
     with open(json_path, "w") as f:
         json.dump({"model": args.model_id, "dtype": dtype, "max_new_tokens": args.max_new_tokens,
-                   "cores": os.cpu_count(), "baselines": base, "rows": rows}, f, indent=2)
+                   "cores": os.cpu_count(), "baselines": base, "rows": rows, "peer_rows": peer_rows}, f, indent=2)
     png_path = os.path.join(args.output_dir, f"bench-{stamp}.png")
     plot(rows, base, png_path, f"{args.model_id} ({dtype}), {args.max_new_tokens} new tokens, "
-                               f"{os.cpu_count()} cores")
+                               f"{os.cpu_count()} cores", peer_rows)
     print(f"\nfigures: {json_path}\nplot: {png_path}")
-    errors = sum(r["errors"] for r in rows)
+    errors = sum(r["errors"] for r in rows + peer_rows)
     return 1 if errors else 0
