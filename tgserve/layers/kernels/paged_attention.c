@@ -84,5 +84,113 @@ void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_t
 #define F16_STORE(x) ((_Float16)(x))
 
 DEFINE_KERNEL(paged_decode_f32, float, F32_LOAD, F32_STORE)
-DEFINE_KERNEL(paged_decode_bf16, uint16_t, BF16_LOAD, BF16_STORE)
 DEFINE_KERNEL(paged_decode_f16, _Float16, F16_LOAD, F16_STORE)
+DEFINE_KERNEL(paged_decode_bf16_generic, uint16_t, BF16_LOAD, BF16_STORE)
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+
+/* bf16 with AVX-512 BF16, for head_dim a multiple of 32 (up to 256) and up to 16 query heads per kv
+ * head. One task per (sequence, kv head): its query heads' q stay in registers while the keys of
+ * that kv head stream past once; each 32-value chunk of a dot product is one vdpbf16ps (bf16
+ * products are exact in float32, the sums float32). The values are read once per task too, the
+ * group's accumulators in registers for each 64-value slice of the head. Scale and softmax in
+ * float32, the output rounded to bf16 (nearest even). Same results as the generic loop up to the
+ * order of float32 sums. */
+#define MAX_CHUNKS 8  /* head_dim / 32 */
+#define MAX_GROUP 16
+#define PREFETCH 8  /* tokens ahead */
+
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+static void decode_task_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                             const int64_t* table, int64_t len, uint16_t* out, int g, int group,
+                             int num_heads, int num_kv_heads, int head_dim, int block_size, float scale,
+                             float* scores) {
+    const int64_t row = (int64_t)num_kv_heads * head_dim;
+    const int chunks = head_dim / 32;
+    /* each token's element offset in the caches, block by block (no division per token) */
+    int64_t* slot = (int64_t*)(scores + (int64_t)group * len);
+    for (int64_t b = 0, t = 0; t < len; b++)
+        for (int64_t i = 0; i < block_size && t < len; i++, t++) slot[t] = (table[b] * block_size + i) * row + g * head_dim;
+    __m512bh qv[MAX_GROUP][MAX_CHUNKS];
+    for (int j = 0; j < group; j++)
+        for (int c = 0; c < chunks; c++)
+            qv[j][c] = (__m512bh)_mm512_loadu_si512(q + (int64_t)(g * group + j) * head_dim + c * 32);
+    /* scores[j * len + t] = scale * q_j . k_t */
+    for (int64_t t = 0; t < len; t++) {
+        const uint16_t* k = k_cache + slot[t];
+        if (t + PREFETCH < len)  /* blocks lie anywhere: fetch ahead what the prefetcher cannot guess */
+            for (int c = 0; c < chunks; c += 2) _mm_prefetch((const char*)(k_cache + slot[t + PREFETCH] + c * 32), _MM_HINT_T0);
+        __m512bh kv[MAX_CHUNKS];
+        for (int c = 0; c < chunks; c++) kv[c] = (__m512bh)_mm512_loadu_si512(k + c * 32);
+        for (int j = 0; j < group; j++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int c = 0; c < chunks; c++) acc = _mm512_dpbf16_ps(acc, qv[j][c], kv[c]);
+            scores[j * len + t] = hsum(acc) * scale;
+        }
+    }
+    for (int j = 0; j < group; j++) {
+        float* sj = scores + j * len;
+        float mx = sj[0];
+        for (int64_t t = 1; t < len; t++) mx = sj[t] > mx ? sj[t] : mx;
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; t++) { sj[t] = expf(sj[t] - mx); sum += sj[t]; }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < len; t++) sj[t] *= inv;
+    }
+    /* out_j = sum_t p[j, t] v_t, 64 values of the head at a time (4 registers per query head) */
+    for (int d0 = 0; d0 < head_dim; d0 += 64) {
+        __m512 acc[MAX_GROUP][4];
+        const int parts = head_dim - d0 >= 64 ? 4 : (head_dim - d0) / 16;
+        for (int j = 0; j < group; j++)
+            for (int p = 0; p < parts; p++) acc[j][p] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < len; t++) {
+            const uint16_t* v = v_cache + slot[t] + d0;
+            if (t + PREFETCH < len)
+                for (int p = 0; p < parts; p += 2) _mm_prefetch((const char*)(v_cache + slot[t + PREFETCH] + d0 + p * 16), _MM_HINT_T0);
+            __m512 vf[4];
+            for (int p = 0; p < parts; p++)
+                vf[p] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(v + p * 16))), 16));
+            for (int j = 0; j < group; j++) {
+                const __m512 pj = _mm512_set1_ps(scores[j * len + t]);
+                for (int p = 0; p < parts; p++) acc[j][p] = _mm512_fmadd_ps(pj, vf[p], acc[j][p]);
+            }
+        }
+        for (int j = 0; j < group; j++)
+            for (int p = 0; p < parts; p++)
+                _mm256_storeu_si256((__m256i*)(out + (int64_t)(g * group + j) * head_dim + d0 + p * 16),
+                                    (__m256i)_mm512_cvtneps_pbh(acc[j][p]));
+    }
+}
+
+void paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                       const int64_t* block_tables, const int64_t* seq_lens, uint16_t* out, int num_seqs,
+                       int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale) {
+    const int group = num_heads / num_kv_heads;
+    if (head_dim % 32 != 0 || head_dim / 32 > MAX_CHUNKS || group > MAX_GROUP) {
+        paged_decode_bf16_generic(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads,
+                                  num_kv_heads, head_dim, block_size, max_blocks, scale);
+        return;
+    }
+    const int tasks = num_seqs * num_kv_heads;
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int task = 0; task < tasks; task++) {
+        const int s = task / num_kv_heads, g = task % num_kv_heads;
+        const int64_t len = seq_lens[s];
+        float* scores = malloc((sizeof(float) * group + sizeof(int64_t)) * len);  /* + token offsets */
+        decode_task_bf16(q + (int64_t)s * num_heads * head_dim, k_cache, v_cache, block_tables + (int64_t)s * max_blocks,
+                         len, out + (int64_t)s * num_heads * head_dim, g, group, num_heads, num_kv_heads, head_dim,
+                         block_size, scale, scores);
+        free(scores);
+    }
+}
+#else
+void paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                       const int64_t* block_tables, const int64_t* seq_lens, uint16_t* out, int num_seqs,
+                       int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale) {
+    paged_decode_bf16_generic(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads,
+                              num_kv_heads, head_dim, block_size, max_blocks, scale);
+}
+#endif
