@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tgserve.layers import cpu_kernels
+
 
 def _gelu_new(x: torch.Tensor) -> torch.Tensor:  # GPT-2's tanh approximation, written out
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
@@ -44,6 +46,8 @@ class SiluAndMul(nn.Module):
     """silu(gate) * up, where the input is the fused [gate | up] projection."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (native := cpu_kernels.silu_mul(x)) is not None:
+            return native  # the same formula in one pass (layers/kernels/elementwise.c)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

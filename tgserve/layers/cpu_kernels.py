@@ -1,7 +1,10 @@
 """Native CPU kernels: compiled once per machine with the system C compiler, loaded with ctypes.
 
-Only what PyTorch has no good op for lives here: paged decode attention, and bf16 linear layers at
-decode-sized batches (kernels/linear_small.c, where the CPU has AVX-512 BF16). If no compiler is
+Only what PyTorch has no good op for lives here: paged decode attention, bf16 linear layers at
+decode-sized batches (kernels/linear_small.c, where the CPU has AVX-512 BF16), greedy choice
+with its log-probability in one pass over the logits (kernels/greedy.c), and a layer's small
+element-wise steps — RMSNorm, rotary embedding, SiLU-and-multiply — as one pass each
+(kernels/elementwise.c). If no compiler is
 found or the build fails, callers get None and fall back to the PyTorch path, which gives the same
 results (up to float rounding).
 """
@@ -22,9 +25,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [os.path.join(os.path.dirname(__file__), "kernels", name) for name in ("paged_attention.c", "linear_small.c")]
+_SOURCES = [os.path.join(os.path.dirname(__file__), "kernels", name) for name in ("paged_attention.c", "linear_small.c",
+                                                                                  "greedy.c", "elementwise.c")]
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+# the dtypes each element-wise kernel takes: only where it gives PyTorch's own bits (elementwise.c)
+_ELEMENTWISE = {"rms_norm": (torch.bfloat16,), "rotary": (torch.float32, torch.bfloat16),
+                "silu_mul": (torch.bfloat16,)}
 
 
 def _cpu_signature() -> str:
@@ -68,6 +75,15 @@ def _library() -> ctypes.CDLL | None:
     lib.linear_small_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     lib.linear_small_bf16.restype = None
     lib.linear_small_available.restype = ctypes.c_int
+    lib.greedy_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+    lib.greedy_f32.restype = None
+    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    for name, args in (("rms_norm", [ptr] * 3 + [i64, i64, ctypes.c_float]),
+                       ("rotary", [ptr, i64, ptr, i64] + [ptr] * 5 + [i64, i32, i32, i32]),
+                       ("silu_mul", [ptr, ptr, i64, i64])):
+        for dtype in _ELEMENTWISE[name]:
+            fn = getattr(lib, f"{name}_{_SUFFIX[dtype]}")
+            fn.argtypes, fn.restype = args, None
     return lib
 
 
@@ -92,6 +108,66 @@ def linear_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     _library().linear_small_bf16(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
                                  y.data_ptr(), rows, out_features, in_features)
     return y
+
+
+def _elementwise(name: str, *tensors: torch.Tensor):
+    """The kernel `name` for these CPU tensors' dtype (all the same), or None."""
+    dtype = tensors[0].dtype
+    if dtype not in _ELEMENTWISE[name] or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
+        return None
+    lib = _library()
+    return getattr(lib, f"{name}_{_SUFFIX[dtype]}") if lib is not None else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """Llama's RMSNorm of x [..., hidden] in one pass (float32 statistics); None if not here."""
+    fn = _elementwise("rms_norm", x, weight)
+    if fn is None or not x.is_contiguous() or not weight.is_contiguous():
+        return None
+    out = torch.empty_like(x)
+    fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    return out
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] (rows may be strided views)
+    rotated whole ("rotate half") by the cos/sin tables [positions, head_dim] at `positions`;
+    new contiguous tensors, or None if not here."""
+    fn = _elementwise("rotary", q, k, cos, sin)
+    if (fn is None or positions.dtype != torch.long or not positions.is_contiguous() or not cos.is_contiguous()
+            or not sin.is_contiguous() or q.stride()[1:] != (q.shape[2], 1) or k.stride()[1:] != (k.shape[2], 1)):
+        return None
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
+    fn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), q_out.data_ptr(), k_out.data_ptr(),
+       positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.shape[0], q.shape[1], k.shape[1], q.shape[2])
+    return q_out, k_out
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up over x = [..., gate | up]; None if not here."""
+    fn = _elementwise("silu_mul", x)
+    if fn is None or not x.is_contiguous():
+        return None
+    width = x.shape[-1] // 2
+    out = torch.empty(*x.shape[:-1], width, dtype=x.dtype)
+    fn(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], width)
+    return out
+
+
+def greedy(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Each row's argmax (first maximal column) and its log-probability under the row's softmax,
+    for float32 logits on the CPU; None where the kernel cannot take them."""
+    if scores.device.type != "cpu" or scores.dtype != torch.float32 or scores.dim() != 2 or not scores.is_contiguous():
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    rows, vocab = scores.shape
+    tokens = torch.empty(rows, dtype=torch.long)
+    logprobs = torch.empty(rows, dtype=torch.float32)
+    lib.greedy_f32(scores.data_ptr(), rows, vocab, tokens.data_ptr(), logprobs.data_ptr())
+    return tokens, logprobs
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

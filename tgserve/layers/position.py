@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from tgserve import distributed as dist
+from tgserve.layers import cpu_kernels
 from tgserve.layers.linear import default_weight_loader
 
 # rope types whose frequencies depend on the sequence length at run time are not supported yet
@@ -50,6 +51,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]
+        native = cpu_kernels.rotary(q, k, positions, self.cos, self.sin) if self.rotary_dim == q.shape[-1] else None
+        if native is not None:
+            return native  # the same formula in one pass (layers/kernels/elementwise.c)
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         if self.rotary_dim == q.shape[-1]:

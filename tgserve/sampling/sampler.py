@@ -18,6 +18,7 @@ from typing import Callable, Protocol
 
 import torch
 
+from tgserve.layers import cpu_kernels
 from tgserve.params import GrammarSpec, SamplingParams
 from tgserve.sampling import processors, watermark
 from tgserve.sampling.history import TokenCounts
@@ -109,6 +110,8 @@ def sample(logits: torch.Tensor, t: SamplingTensors, seen: tuple[torch.Tensor, .
 
 
 def _greedy(scores: torch.Tensor, t: SamplingTensors, rows: torch.Tensor, want_final: bool) -> _Choice:
+    if not want_final and (native := cpu_kernels.greedy(scores)) is not None:
+        return _Choice(*native, None, None)  # the same choice and logprob, one pass over the logits
     tokens = scores.argmax(dim=-1)
     log_z = torch.logsumexp(scores, dim=-1)
     chosen = scores.gather(1, tokens[:, None]).squeeze(1) - log_z

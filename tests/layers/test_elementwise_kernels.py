@@ -1,0 +1,84 @@
+"""The native element-wise kernels (layers/kernels/elementwise.c) against PyTorch's formulas where
+the layers use them: RMSNorm in bfloat16 and the rotary embedding in bfloat16 and float32 (also
+over the strided q/k views of a fused qkv projection) give its bits; SiLU-and-multiply in bfloat16
+differs only where the float32 silu sits on a bf16 rounding boundary (the exp implementations
+differ in the last float32 bit)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tgserve.layers import cpu_kernels
+from tgserve.layers.activation import SiluAndMul
+from tgserve.layers.norm import RMSNorm
+from tgserve.layers.position import RotaryEmbedding, _rotate_half
+
+
+def native_or_skip(result):
+    if result is None:
+        pytest.skip("no native kernels here")
+    return result
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.to(torch.float32)
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (64, 576), (5, 40)])
+def test_bf16_rms_norm_is_bit_exact(rows, hidden):
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, hidden, generator=g) * 3).to(torch.bfloat16)
+    weight = torch.randn(hidden, generator=g).to(torch.bfloat16)
+    native = native_or_skip(cpu_kernels.rms_norm(x, weight, 1e-5))
+    assert torch.equal(native, torch_rms_norm(x, weight, 1e-5))
+    layer = RMSNorm(hidden, 1e-5, torch.bfloat16)
+    layer.weight.data.copy_(weight)
+    assert torch.equal(layer(x), native)
+
+
+def test_float32_rms_norm_and_silu_stay_on_pytorch():
+    """float32 is the dtype compared with transformers token for token: no last-bit differences."""
+    assert cpu_kernels.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-6) is None
+    assert cpu_kernels.silu_mul(torch.randn(2, 8)) is None
+
+
+@pytest.mark.parametrize("rows,width", [(1, 1536), (64, 1536), (3, 24)])
+def test_bf16_silu_and_mul_within_a_rounding_of_pytorch(rows, width):
+    x = (torch.randn(rows, 2 * width, generator=torch.Generator().manual_seed(width)) * 4).to(torch.bfloat16)
+    native = native_or_skip(cpu_kernels.silu_mul(x))
+    gate, up = x.chunk(2, dim=-1)
+    expected = F.silu(gate) * up
+    differ = native != expected
+    assert differ.float().mean() < 1e-2  # a rounding boundary now and then
+    ulp = expected.float().abs() * 2 ** -7  # one bf16 step, twice over: silu's rounding, then the product's
+    assert (native.float() - expected.float()).abs()[differ].le(2 * ulp[differ]).all()
+    assert torch.equal(SiluAndMul()(x), native)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (2, 1, 16)])
+def test_rotary_over_fused_qkv_views_is_bit_exact(dtype, heads, kv_heads, head_dim):
+    g = torch.Generator().manual_seed(head_dim)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    rotary = RotaryEmbedding(inv_freq, 1.0, 4096, dtype)
+    tokens = 33
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k = q.view(tokens, heads, head_dim), k.view(tokens, kv_heads, head_dim)  # strided rows
+    positions = torch.randint(0, 4096, (tokens,), generator=g)
+    native = native_or_skip(cpu_kernels.rotary(q, k, positions, rotary.cos, rotary.sin))
+    cos, sin = rotary.cos[positions].unsqueeze(1), rotary.sin[positions].unsqueeze(1)
+    assert torch.equal(native[0], q * cos + _rotate_half(q) * sin)
+    assert torch.equal(native[1], k * cos + _rotate_half(k) * sin)
+    through_layer = rotary(positions, q, k)
+    assert torch.equal(through_layer[0], native[0]) and torch.equal(through_layer[1], native[1])
+
+
+def test_partial_rotary_keeps_the_pytorch_path():
+    rotary = RotaryEmbedding(1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)), 1.0, 64, torch.float32)
+    q, k = torch.randn(3, 2, 32), torch.randn(3, 1, 32)  # 16 of 32 dimensions rotate
+    out_q, out_k = rotary(torch.tensor([0, 1, 7]), q, k)
+    assert torch.equal(out_q[..., 16:], q[..., 16:]) and torch.equal(out_k[..., 16:], k[..., 16:])

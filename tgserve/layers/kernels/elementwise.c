@@ -1,0 +1,96 @@
+/* A decoder layer's small element-wise steps, each one pass instead of PyTorch's chain of ops (an
+ * RMSNorm is eight of them, a rotary embedding fourteen): per-op overhead, not arithmetic, is
+ * what they cost at decode batch sizes. Each rounds where the PyTorch formula it replaces rounds
+ * (a bf16 result for every bf16 op, statistics in float32): in bfloat16 the RMSNorm and the rotary
+ * embedding give PyTorch's bits, the SiLU differs where its float32 value sits on a bf16 rounding
+ * boundary (~1 in 20,000: glibc's expf and PyTorch's differ in the last bit). In float32 only the
+ * rotary embedding is here (element-wise products and sums, no FMA contraction: PyTorch's bits);
+ * a float32 RMSNorm or SiLU would differ in the last bit (sum order, exp), and float32 is the
+ * dtype whose greedy output must equal transformers'. Rows in parallel.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float bf(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t to_bf(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);  /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+#define F32_IN(x) (x)
+#define F32_ROUND(x) (x)  /* a float32 op's result is already float32 */
+#define F32_OUT(x) (x)
+#define BF16_IN(x) bf(x)
+#define BF16_ROUND(x) bf(to_bf(x))  /* the value a bf16 op would have produced */
+#define BF16_OUT(x) to_bf(x)
+
+/* Llama's RMSNorm: h = x * rsqrt(mean(x^2) + eps) in float32, rounded to the dtype, times weight. */
+#define DEFINE_RMS_NORM(NAME, T, IN, ROUND, OUT)                                                   \
+void NAME(const T* x, const T* weight, T* out, int64_t rows, int64_t hidden, float eps) {          \
+    _Pragma("omp parallel for schedule(static)")                                                   \
+    for (int64_t r = 0; r < rows; r++) {                                                           \
+        const T* xr = x + r * hidden;                                                              \
+        T* o = out + r * hidden;                                                                   \
+        float ss = 0.f;                                                                            \
+        _Pragma("omp simd reduction(+:ss)")                                                        \
+        for (int64_t i = 0; i < hidden; i++) { const float v = IN(xr[i]); ss += v * v; }          \
+        const float inv = 1.f / sqrtf(ss / (float)hidden + eps);                                   \
+        _Pragma("omp simd")                                                                        \
+        for (int64_t i = 0; i < hidden; i++) o[i] = OUT(IN(weight[i]) * ROUND(IN(xr[i]) * inv));   \
+    }                                                                                              \
+}
+
+/* Rotary embedding, "rotate half" layout, the whole head rotated: for i < half,
+ * out[i] = x[i] cos[i] - x[i + half] sin[i], out[i + half] = x[i + half] cos[i + half] + x[i] sin[i + half],
+ * each product and the sum rounded as the PyTorch formula (q * cos + rotate_half(q) * sin) rounds.
+ * x rows may be strided (q and k are views of the fused qkv projection); out is contiguous. */
+#define DEFINE_ROTARY(NAME, T, IN, ROUND, OUT)                                                     \
+__attribute__((optimize("fp-contract=off")))                                                       \
+static void NAME##_one(const T* x, int64_t x_stride, T* out, const int64_t* positions, const T* cos,\
+                       const T* sin, int64_t tokens, int heads, int head_dim) {                     \
+    const int half = head_dim / 2;                                                                 \
+    _Pragma("omp parallel for schedule(static)")                                                   \
+    for (int64_t t = 0; t < tokens; t++) {                                                         \
+        const T* c = cos + positions[t] * head_dim;                                                \
+        const T* s = sin + positions[t] * head_dim;                                                \
+        for (int h = 0; h < heads; h++) {                                                          \
+            const T* xh = x + t * x_stride + (int64_t)h * head_dim;                                \
+            T* oh = out + (t * heads + h) * (int64_t)head_dim;                                     \
+            _Pragma("omp simd")                                                                    \
+            for (int i = 0; i < half; i++) {                                                       \
+                const float a = IN(xh[i]), b = IN(xh[i + half]);                                   \
+                oh[i] = OUT(ROUND(a * IN(c[i])) + ROUND(-b * IN(s[i])));                           \
+                oh[i + half] = OUT(ROUND(b * IN(c[i + half])) + ROUND(a * IN(s[i + half])));       \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+}                                                                                                  \
+void NAME(const T* q, int64_t q_stride, const T* k, int64_t k_stride, T* q_out, T* k_out,          \
+          const int64_t* positions, const T* cos, const T* sin, int64_t tokens, int heads,         \
+          int kv_heads, int head_dim) {                                                            \
+    NAME##_one(q, q_stride, q_out, positions, cos, sin, tokens, heads, head_dim);                  \
+    NAME##_one(k, k_stride, k_out, positions, cos, sin, tokens, kv_heads, head_dim);               \
+}
+
+/* silu(gate) * up over the fused [gate | up] projection: silu rounded to the dtype, then the
+ * product (as F.silu(gate) * up). */
+#define DEFINE_SILU_MUL(NAME, T, IN, ROUND, OUT)                                                   \
+void NAME(const T* x, T* out, int64_t rows, int64_t width) {                                       \
+    _Pragma("omp parallel for schedule(static)")                                                   \
+    for (int64_t r = 0; r < rows; r++) {                                                           \
+        const T* gate = x + r * 2 * width;                                                         \
+        const T* up = gate + width;                                                                \
+        T* o = out + r * width;                                                                    \
+        _Pragma("omp simd")                                                                        \
+        for (int64_t i = 0; i < width; i++) {                                                      \
+            const float g = IN(gate[i]);                                                           \
+            o[i] = OUT(ROUND(g / (1.f + expf(-g))) * IN(up[i]));                                   \
+        }                                                                                          \
+    }                                                                                              \
+}
+
+DEFINE_RMS_NORM(rms_norm_bf16, uint16_t, BF16_IN, BF16_ROUND, BF16_OUT)
+DEFINE_ROTARY(rotary_f32, float, F32_IN, F32_ROUND, F32_OUT)
+DEFINE_ROTARY(rotary_bf16, uint16_t, BF16_IN, BF16_ROUND, BF16_OUT)
+DEFINE_SILU_MUL(silu_mul_bf16, uint16_t, BF16_IN, BF16_ROUND, BF16_OUT)
