@@ -99,14 +99,14 @@ DEFINE_KERNEL(paged_decode_bf16_generic, uint16_t, BF16_LOAD, BF16_STORE)
  * order of float32 sums. */
 #define MAX_CHUNKS 8  /* head_dim / 32 */
 #define MAX_GROUP 16
-#define PREFETCH 8  /* tokens ahead */
+#define PREFETCH 16  /* tokens ahead */
 
 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-static void decode_task_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
-                             const int64_t* table, int64_t len, uint16_t* out, int g, int group,
-                             int num_heads, int num_kv_heads, int head_dim, int block_size, float scale,
-                             float* scores) {
+static inline __attribute__((always_inline)) void decode_task_bf16(
+        const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const int64_t* table, int64_t len,
+        uint16_t* out, int g, int group, int num_heads, int num_kv_heads, int head_dim, int block_size, float scale,
+        float* scores) {
     const int64_t row = (int64_t)num_kv_heads * head_dim;
     const int chunks = head_dim / 32;
     /* each token's element offset in the caches, block by block (no division per token) */
@@ -121,7 +121,7 @@ static void decode_task_bf16(const uint16_t* q, const uint16_t* k_cache, const u
     for (int64_t t = 0; t < len; t++) {
         const uint16_t* k = k_cache + slot[t];
         if (t + PREFETCH < len)  /* blocks lie anywhere: fetch ahead what the prefetcher cannot guess */
-            for (int c = 0; c < chunks; c += 2) _mm_prefetch((const char*)(k_cache + slot[t + PREFETCH] + c * 32), _MM_HINT_T0);
+            for (int c = 0; c < chunks; c++) _mm_prefetch((const char*)(k_cache + slot[t + PREFETCH] + c * 32), _MM_HINT_T0);
         __m512bh kv[MAX_CHUNKS];
         for (int c = 0; c < chunks; c++) kv[c] = (__m512bh)_mm512_loadu_si512(k + c * 32);
         for (int j = 0; j < group; j++) {
@@ -180,9 +180,22 @@ void paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_
         const int s = task / num_kv_heads, g = task % num_kv_heads;
         const int64_t len = seq_lens[s];
         float* scores = malloc((sizeof(float) * group + sizeof(int64_t)) * len);  /* + token offsets */
-        decode_task_bf16(q + (int64_t)s * num_heads * head_dim, k_cache, v_cache, block_tables + (int64_t)s * max_blocks,
-                         len, out + (int64_t)s * num_heads * head_dim, g, group, num_heads, num_kv_heads, head_dim,
-                         block_size, scale, scores);
+        const uint16_t* qs = q + (int64_t)s * num_heads * head_dim;
+        const int64_t* table = block_tables + (int64_t)s * max_blocks;
+        uint16_t* os = out + (int64_t)s * num_heads * head_dim;
+        /* common shapes with compile-time sizes, so q, keys and accumulators stay in registers */
+#define TASK(GROUP, DIM) decode_task_bf16(qs, k_cache, v_cache, table, len, os, g, GROUP, num_heads, num_kv_heads, \
+                                          DIM, block_size, scale, scores)
+        if (head_dim == 64 && group == 1) TASK(1, 64);
+        else if (head_dim == 64 && group == 2) TASK(2, 64);
+        else if (head_dim == 64 && group == 3) TASK(3, 64);
+        else if (head_dim == 64 && group == 4) TASK(4, 64);
+        else if (head_dim == 128 && group == 1) TASK(1, 128);
+        else if (head_dim == 128 && group == 2) TASK(2, 128);
+        else if (head_dim == 128 && group == 4) TASK(4, 128);
+        else if (head_dim == 128 && group == 8) TASK(8, 128);
+        else TASK(group, head_dim);
+#undef TASK
         free(scores);
     }
 }
