@@ -243,25 +243,27 @@ def test_native_decode_kernel_matches_the_torch_path_in_half_precision(dtype, de
         torch.testing.assert_close(native[row].float().reshape(1, -1), expected, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("num_seqs", [4, 12])
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (128, 8, 2), (32, 4, 4), (96, 6, 1), (40, 4, 2)])
-def test_native_bf16_decode_kernel_at_model_shapes(head_dim, heads, kv_heads):
-    """The bf16 kernel's vectorised path (head_dim a multiple of 32: SmolLM2's 64 with 3 query heads
-    per kv head, 128, ...) and its generic path (40) against float32 attention, over blocks in
-    random order and lengths that end inside a block, one sequence longer than its prefetch reach."""
+def test_native_bf16_decode_kernel_at_model_shapes(head_dim, heads, kv_heads, num_seqs):
+    """The bf16 kernel's vectorised paths (head_dim a multiple of 32: SmolLM2's 64 with 3 query heads
+    per kv head, 128, ...; a few sequences split by kv head, or many, one task each) and its generic
+    path (40) against float32 attention, over blocks in random order and lengths that end inside a
+    block, some longer than the kernel's prefetch reach."""
     from tgserve.layers import cpu_kernels
 
     g = torch.Generator().manual_seed(5)
-    block, blocks = 16, 64
+    block, blocks, per_seq = 16, 200, 7
     k_cache = torch.randn(blocks, block, kv_heads, head_dim, generator=g).to(torch.bfloat16)
     v_cache = torch.randn(blocks, block, kv_heads, head_dim, generator=g).to(torch.bfloat16)
-    lens = torch.tensor([1, 17, 100, 3], dtype=torch.long)
-    table = (torch.randperm(blocks - 1, generator=g)[:28] + 1).view(4, 7)
-    q = torch.randn(4, heads, head_dim, generator=g).to(torch.bfloat16)
+    lens = torch.tensor([1, 17, 100, 3] * (num_seqs // 4), dtype=torch.long)
+    table = (torch.randperm(blocks - 1, generator=g)[:num_seqs * per_seq] + 1).view(num_seqs, per_seq)
+    q = torch.randn(num_seqs, heads, head_dim, generator=g).to(torch.bfloat16)
     scale = head_dim ** -0.5
     native = cpu_kernels.paged_decode(q, k_cache, v_cache, table, lens, scale)
     if native is None:
         pytest.skip("no native kernels here")
-    for row in range(4):
+    for row in range(num_seqs):
         slots = (table[row][:, None] * block + torch.arange(block)).view(-1)[: lens[row]]
         k = k_cache.view(-1, kv_heads, head_dim)[slots].float().transpose(0, 1)
         v = v_cache.view(-1, kv_heads, head_dim)[slots].float().transpose(0, 1)

@@ -16,8 +16,9 @@ import os
 import shutil
 import subprocess
 import tarfile
-import time
 import urllib.request
+
+from tgserve.benchmark.servers import launch, stop  # noqa: F401 (stop: the peer's own)
 
 LLAMA_CPP_PYTHON = "0.3.36"  # vendors the llama.cpp measured in ../shared/reference/cpu-performance.md
 GGUF_TYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -110,29 +111,9 @@ def convert(bin_dir: str, gguf: str, dtype: str, say=print) -> str:
 
 def start(bin_dir: str, gguf: str, port: int, parallel: int, threads: int, context_per_slot: int = 1024
           ) -> subprocess.Popen:
-    """llama-server with `parallel` slots (continuous batching), returned once /health answers 200."""
+    """llama-server with `parallel` slots (continuous batching), returned once /health answers 200;
+    its log goes to llama-server.log in the cache."""
     cmd = [os.path.join(bin_dir, "llama-server"), "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
            "-t", str(threads), "-tb", str(threads), "--parallel", str(parallel),
            "-c", str(parallel * context_per_slot), "--cont-batching"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError("llama-server did not become healthy in 300 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    return launch(cmd, port, os.path.join(cache_dir(), "llama-server.log"), "llama-server")

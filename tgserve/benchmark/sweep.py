@@ -23,34 +23,21 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 from tgserve.benchmark.loadgen import LoadResult, engine_profile, make_prompts, profile_row, profile_table, run_load
+from tgserve.benchmark.servers import launch, stop
 from tgserve.config import DEFAULT_MODEL_ID
 
 
-def start_server(model_dir: str, dtype: str | None, port: int, extra: list[str]) -> subprocess.Popen:
-    """`tgserve serve` on 127.0.0.1:port, returned once /health answers 200."""
+def start_server(model_dir: str, dtype: str | None, port: int, extra: list[str], log_dir: str) -> subprocess.Popen:
+    """`tgserve serve` on 127.0.0.1:port, returned once /health answers 200 (its log in log_dir)."""
     args = ["--dtype", dtype] if dtype else []
-    proc = subprocess.Popen([sys.executable, "-m", "tgserve", "serve", "--model-id", model_dir, *args,
-                             "--port", str(port), "--hostname", "127.0.0.1", *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise TimeoutError("server did not become healthy in 300 s")
+    os.makedirs(log_dir, exist_ok=True)
+    return launch([sys.executable, "-m", "tgserve", "serve", "--model-id", model_dir, *args, "--port", str(port),
+                   "--hostname", "127.0.0.1", *extra], port, os.path.join(log_dir, "tgserve-serve.log"), "tgserve serve")
 
 
 class Progress:
@@ -182,9 +169,7 @@ class Peer:
         return f"http://127.0.0.1:{self.port}"
 
     def __exit__(self, *exc) -> None:
-        from tgserve.benchmark import peer
-
-        peer.stop(self.proc)
+        stop(self.proc)
 
 
 def seed_scenario(args, model_dir: str, dtype: str) -> int:
@@ -196,7 +181,7 @@ def seed_scenario(args, model_dir: str, dtype: str) -> int:
     server = None
     if args.url is None:
         print(f"starting tgserve serve on port {args.port}...", flush=True)
-        server = start_server(model_dir, dtype, args.port, args.server_args.split())
+        server = start_server(model_dir, dtype, args.port, args.server_args.split(), args.output_dir)
     url = (args.url or f"http://127.0.0.1:{args.port}").rstrip("/")
     results = {}
     try:
@@ -205,8 +190,7 @@ def seed_scenario(args, model_dir: str, dtype: str) -> int:
                                                   progress=lambda line: print(line, flush=True)))
     finally:
         if server is not None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(120)
+            stop(server)
     if peer is not None:
         with peer as peer_url:
             asyncio.run(run_load(peer_url, ["warm-up"], 1, 2, 8, protocol="llama.cpp"))
@@ -298,14 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     if args.url is None:
         print(f"starting tgserve serve on port {args.port}...", flush=True)
-        server = start_server(model_dir, dtype, args.port, args.server_args.split())
+        server = start_server(model_dir, dtype, args.port, args.server_args.split(), args.output_dir)
     url = (args.url or f"http://127.0.0.1:{args.port}").rstrip("/")
     try:
         rows, profiles = sweep_levels(url, prompts, levels, args)
     finally:
         if server is not None:
-            server.send_signal(signal.SIGTERM)
-            server.wait(120)
+            stop(server)
     peer_rows = []
     if peer is not None:
         with peer as peer_url:
