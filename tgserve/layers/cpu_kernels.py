@@ -26,7 +26,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = [os.path.join(os.path.dirname(__file__), "kernels", name) for name in ("paged_attention.c", "linear_small.c",
-                                                                                  "greedy.c", "elementwise.c")]
+                                                                                  "greedy.c", "elementwise.c",
+                                                                                  "decode_stack.c")]
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # the dtypes each element-wise kernel takes: only where it gives PyTorch's own bits (elementwise.c)
@@ -78,6 +79,9 @@ def _library() -> ctypes.CDLL | None:
     lib.greedy_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.greedy_f32.restype = None
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    lib.llama_decode_stack_bf16.argtypes = ([ptr, i32, ptr] + [i32] * 6 + [ctypes.c_float] + [ptr] * 6
+                                            + [i32, i32, ctypes.c_float])
+    lib.llama_decode_stack_bf16.restype = None
     for name, args in (("rms_norm", [ptr] * 3 + [i64, i64, ctypes.c_float]),
                        ("rotary", [ptr, i64, ptr, i64] + [ptr] * 5 + [i64, i32, i32, i32]),
                        ("silu_mul", [ptr, ptr, i64, i64])):
@@ -153,6 +157,25 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(*x.shape[:-1], width, dtype=x.dtype)
     fn(x.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], width)
     return out
+
+
+def decode_stack(pointers: torch.Tensor, layers: int, x: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                 intermediate: int, eps: float, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 slots: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
+                 scale: float) -> bool:
+    """A Llama-family layer stack over x [rows, hidden] (bf16, updated in place) for one decode step
+    (kernels/decode_stack.c; `pointers`: each layer's weights and caches, layers/decode_stack.py).
+    False where it cannot run (nothing was touched)."""
+    lib = _library()
+    tensors = (positions, slots, block_table, seq_lens)
+    if lib is None or not x.is_contiguous() or any(t.dtype != torch.long or not t.is_contiguous() for t in tensors):
+        return False
+    rows, hidden = x.shape
+    lib.llama_decode_stack_bf16(pointers.data_ptr(), layers, x.data_ptr(), rows, hidden, heads, kv_heads, head_dim,
+                                intermediate, eps, positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                slots.data_ptr(), block_table.data_ptr(), seq_lens.data_ptr(), block_table.shape[1],
+                                block_size, scale)
+    return True
 
 
 def greedy(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from tgserve.layers.activation import SiluAndMul
 from tgserve.layers.attention import AttentionInputs, PagedAttention
+from tgserve.layers.decode_stack import DecodeStack
 from tgserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tgserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from tgserve.layers.norm import RMSNorm
@@ -106,9 +107,14 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype, rotary, window, flags)
                                     for window in sliding_windows(cfg))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self._stack: DecodeStack | None = None  # the layers in one native call (decode steps; after loading)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [tokens, hidden]
+        if self._stack is None:
+            self._stack = DecodeStack(list(self.layers))
+        if (stacked := self._stack.run(x, positions, attn)) is not None:
+            return stacked  # the same computation, bit for bit (layers/decode_stack.py)
         for layer in self.layers:
             x = layer(x, positions, attn)
         return x

@@ -1,0 +1,69 @@
+"""The native decode stack (layers/decode_stack.py, kernels/decode_stack.c) gives the bits of the
+layer-by-layer path: a bf16 Llama decoding a few sequences at once, greedy, token ids and logprobs
+equal with the stack and without it, at head sizes that take the attention kernel's vectorised
+path and its generic one; steps it cannot take (prefills, more rows than it takes) fall back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_tiny_llama
+from tgserve.layers import cpu_kernels
+from tgserve.layers.decode_stack import DecodeStack
+
+pytestmark = pytest.mark.skipif(cpu_kernels.linear_small_rows() == 0,
+                                reason="the decode stack needs the bf16 small-batch kernel (AVX-512 BF16)")
+
+
+def generate(folder: str, prompts: list[list[int]], new_tokens: int, calls: list | None = None
+             ) -> list[tuple[list[int], list[float]]]:
+    """Greedy outputs of an in-process bf16 engine; `calls` is emptied once it has warmed up."""
+    from tgserve.config import CacheConfig, Config, ModelConfig, SchedulerConfig, ServerConfig, ShardConfig
+    from tgserve.engine.core import create_engine
+    from tgserve.params import SamplingParams, StoppingParams
+    from tgserve.protocol import AddRequest
+
+    config = Config(model=ModelConfig(path=folder, dtype="bfloat16", device="cpu"),
+                    server=ServerConfig(max_total_tokens=256, max_input_tokens=128),
+                    scheduler=SchedulerConfig(max_batch_prefill_tokens=64), cache=CacheConfig(max_batch_total_tokens=2048),
+                    shard=ShardConfig(num_shard=1))
+    core, _ = create_engine(config)
+    if calls is not None:
+        calls.clear()  # the warm-up's own steps are not the test's
+    for i, p in enumerate(prompts):
+        core.scheduler.add(AddRequest(str(i), p, SamplingParams(), StoppingParams(max_new_tokens=new_tokens,
+                                                                                  ignore_eos=True), 0.0))
+    out = {str(i): ([], []) for i in range(len(prompts))}
+    while core.scheduler.has_work():
+        for o in core.step().outputs:
+            assert o.error is None, o.error
+            out[o.request_id][0].extend(o.token_ids)
+            out[o.request_id][1].extend(o.logprobs)
+    return [out[str(i)] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("shape", [dict(), dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                                intermediate_size=320, num_hidden_layers=3)],
+                         ids=["head_dim-16", "head_dim-64"])
+def test_the_stack_gives_the_layer_by_layer_bits(tmp_path, monkeypatch, shape):
+    folder = build_tiny_llama(str(tmp_path / "llama"), seed=3, **shape)
+    prompts = [[5, 9, 13, 2, 7], [3] * 19, [11, 4], [8, 8, 1, 6, 2, 9, 12]]
+    calls = []
+    real = cpu_kernels.decode_stack
+    monkeypatch.setattr(cpu_kernels, "decode_stack", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    with_stack = generate(folder, prompts, 12, calls)
+    assert calls and set(calls) <= {1, 2, 3, 4}  # decode steps of the 4 sequences (prefill steps fell back)
+    monkeypatch.setattr(DecodeStack, "_usable", lambda self: False)
+    without = generate(folder, prompts, 12)
+    assert with_stack == without  # token ids and logprobs, bit for bit
+
+
+def test_more_rows_than_the_small_kernel_takes_fall_back(tmp_path, monkeypatch):
+    folder = build_tiny_llama(str(tmp_path / "llama"), seed=4)
+    calls = []
+    real = cpu_kernels.decode_stack
+    monkeypatch.setattr(cpu_kernels, "decode_stack", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    rows = cpu_kernels.linear_small_rows() + 1
+    out = generate(folder, [[2 + i, 5, 7] for i in range(rows)], 4, calls)
+    assert calls == [] and all(len(tokens) == 4 for tokens, _ in out)

@@ -1,0 +1,72 @@
+"""A Llama-family decoder's layers in one native call for decode steps of a few sequences
+(layers/kernels/decode_stack.c): bf16 on CPUs with AVX-512 BF16, the same kernels and rounding as
+the layer-by-layer path, so the same bits, without ~40 Python-level ops per layer — at one to four
+rows those cost as much as streaming the weights.
+
+`DecodeStack.run` returns None whenever the step or the model is not one it takes (a prefill in
+the step, more rows than the small-batch linear kernel takes, another dtype or device, quantized
+or sharded linears, biases, q/k norms, partial rotary, attention options, no plain weights kept);
+the model then runs its layers as usual. In the steps it takes, attention is timed as part of the
+forward pass (the step profile's "attention" reads 0 there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tgserve import distributed as dist
+from tgserve.layers import cpu_kernels
+from tgserve.layers.activation import SiluAndMul
+from tgserve.layers.attention import AttentionInputs
+from tgserve.layers.norm import RMSNorm
+
+
+class DecodeStack:
+    def __init__(self, layers):
+        self.layers = layers  # LlamaDecoderLayers (models/llama.py), loaded
+        self.pointers: torch.Tensor | None = None  # [layers * 8] int64, built on first use
+        self.cache_ptr = 0  # the first layer's key cache when the pointers were built
+        self.usable = self._usable()
+
+    def _usable(self) -> bool:
+        if dist.tp_size() != 1 or cpu_kernels.linear_small_rows() == 0 or not self.layers:
+            return False
+        for layer in self.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            linears = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if (attention.qk_norm or not attention.attn.plain or type(mlp.act) is not SiluAndMul
+                    or attention.rotary.rotary_dim != attention.head_dim
+                    or any(type(n) is not RMSNorm or n.weight.dtype != torch.bfloat16
+                           for n in (layer.input_layernorm, layer.post_attention_layernorm))
+                    or any(getattr(lin, "small_weight", None) is None or lin.bias is not None for lin in linears)):
+                return False
+        first = self.layers[0].self_attn
+        return first.rotary.cos.dtype == torch.bfloat16 and first.rotary.cos.device.type == "cpu"
+
+    def _pointer_table(self) -> torch.Tensor:
+        ptrs = []
+        for layer in self.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            ptrs += [layer.input_layernorm.weight.data_ptr(), attention.qkv_proj.small_weight.data_ptr(),
+                     attention.o_proj.small_weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                     mlp.gate_up_proj.small_weight.data_ptr(), mlp.down_proj.small_weight.data_ptr(),
+                     attention.attn.k_cache.data_ptr(), attention.attn.v_cache.data_ptr()]
+        return torch.tensor(ptrs, dtype=torch.int64)
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor | None:
+        """x [rows, hidden] after the embedding → after the last layer (before the final norm)."""
+        rows = x.shape[0]
+        if (not self.usable or attn.prefills or attn.num_decode != rows or x.dtype != torch.bfloat16
+                or x.device.type != "cpu" or not 0 < rows <= cpu_kernels.linear_small_rows()):
+            return None
+        first = self.layers[0].self_attn
+        if self.pointers is None or self.cache_ptr != first.attn.k_cache.data_ptr():  # caches (re)bound
+            self.pointers, self.cache_ptr = self._pointer_table(), first.attn.k_cache.data_ptr()
+        mlp = self.layers[0].mlp
+        out = x.contiguous()  # the embedding's output: updated in place
+        ok = cpu_kernels.decode_stack(
+            self.pointers, len(self.layers), out, first.num_heads, first.num_kv_heads, first.head_dim,
+            mlp.down_proj.in_features, self.layers[0].input_layernorm.eps, positions, first.rotary.cos,
+            first.rotary.sin, attn.slot_mapping, attn.decode_block_table, attn.decode_seq_lens,
+            first.attn.k_cache.shape[1], first.attn.scale)
+        return out if ok else None
