@@ -6,7 +6,6 @@ path and its generic one; steps it cannot take (prefills, more rows than it take
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import build_tiny_llama
 from tgserve.layers import cpu_kernels
