@@ -5,7 +5,8 @@ rows those cost as much as streaming the weights.
 
 `DecodeStack.run` returns None whenever the step or the model is not one it takes (a prefill in
 the step, more rows than the small-batch linear kernel takes, another dtype or device, quantized
-or sharded linears, biases, q/k norms, partial rotary, attention options, no plain weights kept);
+or sharded linears (any linear whose method is not the plain one), mixture-of-experts MLPs,
+biases, q/k norms, partial rotary, attention options, no plain weights kept);
 the model then runs its layers as usual. In the steps it takes, attention is timed as part of the
 forward pass (the step profile's "attention" reads 0 there).
 """
@@ -19,6 +20,7 @@ from tgserve.layers import cpu_kernels
 from tgserve.layers.activation import SiluAndMul
 from tgserve.layers.attention import AttentionInputs
 from tgserve.layers.norm import RMSNorm
+from tgserve.quant.base import Unquantized
 
 
 class DecodeStack:
@@ -33,12 +35,15 @@ class DecodeStack:
             return False
         for layer in self.layers:
             attention, mlp = layer.self_attn, layer.mlp
+            if not hasattr(mlp, "gate_up_proj"):  # a mixture of experts (models/moe.py)
+                return False
             linears = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
             if (attention.qk_norm or not attention.attn.plain or type(mlp.act) is not SiluAndMul
                     or attention.rotary.rotary_dim != attention.head_dim
                     or any(type(n) is not RMSNorm or n.weight.dtype != torch.bfloat16
                            for n in (layer.input_layernorm, layer.post_attention_layernorm))
-                    or any(getattr(lin, "small_weight", None) is None or lin.bias is not None for lin in linears)):
+                    or any(type(lin.quant) is not Unquantized or getattr(lin, "small_weight", None) is None
+                           or lin.bias is not None for lin in linears)):
                 return False
         first = self.layers[0].self_attn
         return first.rotary.cos.dtype == torch.bfloat16 and first.rotary.cos.device.type == "cpu"
