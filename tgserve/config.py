@@ -41,7 +41,7 @@ class ModelConfig:
     quantize: str | None = setting(
         None,
         "Quantize the linear layers' weights while loading: int8 / int4 (weight-only, fast on CPU; int4 "
-        "is the fastest single stream and the smallest there), bitsandbytes (LLM.int8), bitsandbytes-nf4, "
+        "is the smallest there), bitsandbytes (LLM.int8), bitsandbytes-nf4, "
         "bitsandbytes-fp4; gptq / awq for checkpoints shipped quantized (found from their config when not given).",
         "--quantize",
     )
