@@ -178,3 +178,28 @@ def test_the_real_llama_server_when_it_is_built(tmp_path):
     assert [r.error for r in result.results] == [None] * 4
     assert [r.tokens for r in result.results] == [12] * 4 and all(len(r.itls) == 11 for r in result.results)
     assert all(r.text for r in result.results)
+
+
+def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
+    """bench/gpu_check.py end to end at its tiny shape on the CPU (the real check needs an NVIDIA GPU):
+    greedy float32 tokens equal transformers', and the speed figures are written."""
+    out = tmp_path / "gpu-check.json"
+    run = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--shape", "tiny",
+                          "--streams", "4", "--new-tokens", "6", "--output", str(out)],
+                         capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert run.returncode == 0, run.stdout + run.stderr
+    figures = json.loads(out.read_text())
+    assert figures["equality"]["equal"] == figures["equality"]["sequences"] == 6
+    assert figures["one_stream_ms"] > 0 and figures["many_streams_tok_s"] > 0 and figures["streams"] == 4
+    assert "greedy float32 vs transformers: 6/6 sequences equal" in run.stdout
+
+
+def test_the_gpu_check_says_when_there_is_no_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    run = subprocess.run([sys.executable, "-m", "bench.gpu_check"], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert run.returncode == 2 and "needs an NVIDIA GPU" in run.stdout
