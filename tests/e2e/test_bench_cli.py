@@ -163,6 +163,7 @@ def test_the_real_llama_server_when_it_is_built(tmp_path):
 
     from tgserve.benchmark import peer
     from tgserve.benchmark.loadgen import run_load
+    from tgserve.benchmark.servers import stop
 
     bin_dir = os.path.join(peer.cache_dir(), "build", "bin")
     model = glob.glob(os.path.join(peer.cache_dir(), "models", "*.BF16.gguf"))
@@ -174,7 +175,7 @@ def test_the_real_llama_server_when_it_is_built(tmp_path):
         result = asyncio.run(run_load(url, ["Tell me a story.", "Why is the sky blue?"], 2, 4, 12,
                                       protocol="llama.cpp"))
     finally:
-        peer.stop(server)
+        stop(server)
     assert [r.error for r in result.results] == [None] * 4
     assert [r.tokens for r in result.results] == [12] * 4 and all(len(r.itls) == 11 for r in result.results)
     assert all(r.text for r in result.results)

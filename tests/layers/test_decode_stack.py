@@ -66,3 +66,27 @@ def test_more_rows_than_the_small_kernel_takes_fall_back(tmp_path, monkeypatch):
     rows = cpu_kernels.linear_small_rows() + 1
     out = generate(folder, [[2 + i, 5, 7] for i in range(rows)], 4, calls)
     assert calls == [] and all(len(tokens) == 4 for tokens, _ in out)
+
+
+def test_a_bf16_server_gives_the_layer_by_layer_tokens_and_logprobs(tmp_path, server_factory, monkeypatch):
+    """Through `tgserve serve --dtype bfloat16` (whose decode steps run the stack): /generate's
+    greedy tokens and logprobs equal the in-process engine's with the stack switched off."""
+    import json
+    import urllib.request
+
+    folder = build_tiny_llama(str(tmp_path / "llama"), seed=6)
+    server = server_factory(folder, "--dtype", "bfloat16", "--max-total-tokens", "512",
+                            "--max-batch-total-tokens", "4096", "--max-batch-prefill-tokens", "128")
+    served = []
+    for text in ("The quick brown fox", "Hello there, how are", "a"):
+        body = json.dumps({"inputs": text, "parameters": {"max_new_tokens": 10, "details": True, "ignore_eos_token": True,
+                                                         "decoder_input_details": True}}).encode()
+        request = urllib.request.Request(server.url + "/generate", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            details = json.load(r)["details"]
+        served.append(([t["id"] for t in details["prefill"]], [t["id"] for t in details["tokens"]],
+                       [t["logprob"] for t in details["tokens"]]))
+    monkeypatch.setattr(DecodeStack, "_usable", lambda self: False)
+    for prompt, tokens, logprobs in served:
+        [(expected_tokens, expected_logprobs)] = generate(folder, [prompt], 10)
+        assert (tokens, logprobs) == (expected_tokens, expected_logprobs)

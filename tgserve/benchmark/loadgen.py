@@ -99,29 +99,26 @@ def llama_cpp_body(prompt: str, max_new_tokens: int, parameters: dict, stream: b
 
 
 def request_for(protocol: str, prompt: str, max_new_tokens: int, parameters: dict, stream: bool
-                ) -> tuple[str, dict]:
-    """(route, JSON body) of one request in `protocol` ("tgi" or "llama.cpp")."""
+                ) -> tuple[str, dict, dict[str, str]]:
+    """(route, JSON body, headers) of one request in `protocol` ("tgi" or "llama.cpp")."""
     if protocol == "llama.cpp":
-        return "/completion", llama_cpp_body(prompt, max_new_tokens, parameters, stream)
+        # llama-server closes a connection after a streamed response: a reused one fails the next request
+        return "/completion", llama_cpp_body(prompt, max_new_tokens, parameters, stream), {"Connection": "close"}
     if protocol != "tgi":
         raise ValueError(f"unknown protocol {protocol!r}")
     return ("/generate_stream" if stream else "/generate",
-            {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, **parameters}})
-
-
-def _headers(protocol: str) -> dict[str, str]:
-    # llama-server closes a connection after a streamed response; a reused one fails the next request
-    return {"Connection": "close"} if protocol == "llama.cpp" else {}
+            {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, **parameters}}, {})
 
 
 async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_new_tokens: int,
                extra: dict | None = None, protocol: str = "tgi") -> RequestResult:
-    route, body = request_for(protocol, prompt, max_new_tokens, {"ignore_eos_token": True, **(extra or {})}, True)
+    route, body, headers = request_for(protocol, prompt, max_new_tokens, {"ignore_eos_token": True, **(extra or {})},
+                                       True)
     start = time.perf_counter()
     stamps: list[float] = []
     error = None
     text = ""
-    async with session.post(url + route, json=body, headers=_headers(protocol)) as response:
+    async with session.post(url + route, json=body, headers=headers) as response:
         if response.status != 200:
             error = f"HTTP {response.status}: {(await response.text())[:200]}"
         async for raw in response.content:

@@ -18,7 +18,7 @@ import subprocess
 import tarfile
 import urllib.request
 
-from tgserve.benchmark.servers import launch, stop  # noqa: F401 (stop: the peer's own)
+from tgserve.benchmark.servers import launch
 
 LLAMA_CPP_PYTHON = "0.3.36"  # vendors the llama.cpp measured in ../shared/reference/cpu-performance.md
 GGUF_TYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -29,12 +29,12 @@ def cache_dir() -> str:
         os.path.expanduser("~"), ".cache", "tgserve", "llama.cpp", LLAMA_CPP_PYTHON)
 
 
-def _run(cmd: list[str], log: str, cwd: str | None = None) -> None:
+def _run(cmd: list[str], log: str) -> None:
     """Run a build step, its output into `log`; a failure raises with the log's tail."""
     with open(log, "a") as out:
         out.write(f"\n$ {' '.join(cmd)}\n")
         out.flush()
-        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+        code = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT)
     if code != 0:
         with open(log) as f:
             tail = f.read()[-3000:]

@@ -16,7 +16,7 @@ import time
 
 import aiohttp
 
-from tgserve.benchmark.loadgen import _headers, request_for
+from tgserve.benchmark.loadgen import request_for
 
 STAGES = [(60.0, 50), (120.0, 100), (60.0, 0)]  # (seconds, virtual users at the stage's end)
 THINK_SECONDS = 1.0
@@ -67,10 +67,10 @@ async def run_seed(url: str, time_scale: float = 1.0, progress=None, protocol: s
                 await asyncio.sleep(0.1 * time_scale + 0.01)
                 continue
             for prompt, new_tokens, parameters in REQUESTS:
-                route, body = request_for(protocol, prompt, new_tokens, parameters, stream=False)
+                route, body, headers = request_for(protocol, prompt, new_tokens, parameters, stream=False)
                 sent = time.perf_counter()
                 try:
-                    async with session.post(url + route, json=body, headers=_headers(protocol)) as response:
+                    async with session.post(url + route, json=body, headers=headers) as response:
                         await response.read()
                         ok = response.status == 200
                 except aiohttp.ClientError:

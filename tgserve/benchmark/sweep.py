@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 
+from tgserve.benchmark import peer
 from tgserve.benchmark.loadgen import LoadResult, engine_profile, make_prompts, profile_row, profile_table, run_load
 from tgserve.benchmark.servers import launch, stop
 from tgserve.config import DEFAULT_MODEL_ID
@@ -149,8 +150,6 @@ class Peer:
     built and converted once, started for a run, stopped after it."""
 
     def __init__(self, model_id: str, dtype: str, port: int, parallel: int):
-        from tgserve.benchmark import peer
-        from tgserve.config import DEFAULT_MODEL_ID
         from tgserve.weights.locate import packaged_gguf
 
         gguf = packaged_gguf() if model_id == DEFAULT_MODEL_ID else model_id
@@ -161,8 +160,6 @@ class Peer:
         self.port, self.parallel, self.proc = port, parallel, None
 
     def __enter__(self) -> str:
-        from tgserve.benchmark import peer
-
         print(f"starting llama-server ({os.path.basename(self.gguf)}, --parallel {self.parallel}, "
               f"{os.cpu_count()} threads) on port {self.port}...", flush=True)
         self.proc = peer.start(self.bin_dir, self.gguf, self.port, self.parallel, os.cpu_count() or 1)
