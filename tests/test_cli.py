@@ -89,3 +89,17 @@ def test_prefix_caching_is_on_unless_turned_off_by_flag_or_environment():
     assert parse(["--no-prefix-caching"]).cache.prefix_caching is False
     assert parse([], {"PREFIX_CACHING": "0"}).cache.prefix_caching is False
     assert parse(["--prefix-caching"], {"PREFIX_CACHING": "false"}).cache.prefix_caching is True
+
+
+def test_prompts_are_grouped_per_step_on_cpu_by_default_and_the_group_is_a_flag(smollm2_dir):
+    from tgserve.config import ConfigError
+    from tgserve.launcher import CPU_PREFILL_GROUP_TOKENS, resolve
+
+    assert parse([]).scheduler.prefill_group_tokens is None  # resolved with the machine
+    resolved = resolve(parse(["--model-id", smollm2_dir, "--device", "cpu"]))
+    assert resolved.scheduler.prefill_group_tokens == CPU_PREFILL_GROUP_TOKENS == 64
+    assert resolved.scheduler.max_batch_prefill_tokens == 512
+    assert parse(["--prefill-group-tokens", "32"]).scheduler.prefill_group_tokens == 32
+    assert parse([], {"PREFILL_GROUP_TOKENS": "100"}).scheduler.prefill_group_tokens == 100
+    with pytest.raises(ConfigError):
+        resolve(parse(["--model-id", smollm2_dir, "--device", "cpu", "--prefill-group-tokens", "0"]))

@@ -81,6 +81,15 @@ class SchedulerConfig:
         "fit). Default: 512 on CPU, 4096 on CUDA.",
         "--max-batch-prefill-tokens",
     )
+    prefill_group_tokens: int | None = setting(
+        None,
+        "A step takes the first waiting prompt's next chunk (up to --max-batch-prefill-tokens), and "
+        "more prompts only while the step's prompt tokens stay within this many: a burst of short "
+        "prompts gets its first tokens group by group, the first groups early, instead of all of "
+        "them after one long step. Default: 64 on CPU (where ~64 rows already keep the cores busy), "
+        "no grouping on CUDA.",
+        "--prefill-group-tokens",
+    )
     max_batch_size: int | None = setting(None, "Most sequences in the running batch. Default: no cap.", "--max-batch-size")
     waiting_served_ratio: float = setting(
         0.0,

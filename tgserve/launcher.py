@@ -39,6 +39,9 @@ log = logging.getLogger("tgserve.launcher")
 
 DEFAULT_MAX_TOTAL_TOKENS = 4096
 DEFAULT_MASTER_PORT = 29500  # torch.distributed's
+# prompt tokens per step beyond the first prompt's chunk, on CPU: about where a step's matmuls stop
+# getting more efficient with more rows (README: scheduling), so smaller groups cost no throughput
+CPU_PREFILL_GROUP_TOKENS = 64
 ENGINE_STOP_SECONDS = 10
 
 
@@ -101,6 +104,10 @@ def resolve(config: Config) -> Config:
         scheduler = dataclasses.replace(scheduler, max_batch_prefill_tokens=4096 if device == "cuda" else 512)
     elif scheduler.max_batch_prefill_tokens < 1:
         raise ConfigError("`max_batch_prefill_tokens` must be > 0")
+    if scheduler.prefill_group_tokens is None and device != "cuda":
+        scheduler = dataclasses.replace(scheduler, prefill_group_tokens=CPU_PREFILL_GROUP_TOKENS)
+    elif scheduler.prefill_group_tokens is not None and scheduler.prefill_group_tokens < 1:
+        raise ConfigError("`prefill_group_tokens` must be > 0")
     check_limits(server, config.cache)
     model = dataclasses.replace(config.model, path=path, device=device, dtype=dtype)
     return config.replace(model=model, server=server, scheduler=scheduler, shard=resolve_shard(config.shard, device))

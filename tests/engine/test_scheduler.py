@@ -27,9 +27,9 @@ def request(request_id: str, num_prompt: int, max_new_tokens: int = 4, eos: tupl
 
 def make_scheduler(step_tokens: int = 64, num_blocks: int = 64, block_size: int = 4,
                    max_batch_size: int | None = None, ratio: float = 0.0, max_waiting: int = 20,
-                   max_model_len: int = 1024) -> Scheduler:
+                   max_model_len: int = 1024, group: int | None = None) -> Scheduler:
     config = SchedulerConfig(max_batch_prefill_tokens=step_tokens, max_batch_size=max_batch_size,
-                             waiting_served_ratio=ratio, max_waiting_tokens=max_waiting)
+                             waiting_served_ratio=ratio, max_waiting_tokens=max_waiting, prefill_group_tokens=group)
     return Scheduler(config, KVCacheManager(num_blocks, block_size), max_model_len)
 
 
@@ -118,6 +118,67 @@ def test_decode_tokens_count_against_the_step_budget():
     plan, _ = step(s)
     assert tokens_of(plan) == {"d0": 1, "d1": 1, "d2": 1, "long": 7}
     assert plan.num_batched_tokens == 10
+
+
+def test_a_burst_of_short_prompts_is_computed_a_group_per_step_in_arrival_order():
+    s = make_scheduler(step_tokens=64, num_blocks=128, group=16)
+    for i in range(7):
+        s.add(request(f"p{i}", 5, max_new_tokens=20))
+    plan, outs = step(s)
+    assert tokens_of(plan) == {"p0": 5, "p1": 5, "p2": 5}  # a fourth would make 20 > 16
+    assert [o.request_id for o in outs] == ["p0", "p1", "p2"]  # their first tokens come now
+    plan, _ = step(s)
+    assert tokens_of(plan) == {"p0": 1, "p1": 1, "p2": 1, "p3": 5, "p4": 5, "p5": 5}
+    plan, _ = step(s)
+    assert tokens_of(plan) == {"p0": 1, "p1": 1, "p2": 1, "p3": 1, "p4": 1, "p5": 1, "p6": 5}
+    run_to_end(s)
+
+
+def test_without_a_group_cap_the_whole_burst_shares_one_step():
+    s = make_scheduler(step_tokens=64, num_blocks=128)
+    for i in range(7):
+        s.add(request(f"p{i}", 5, max_new_tokens=2))
+    plan, _ = step(s)
+    assert tokens_of(plan) == {f"p{i}": 5 for i in range(7)}
+
+
+def test_the_first_prompt_of_a_step_may_fill_the_budget_and_later_ones_wait_whole():
+    s = make_scheduler(step_tokens=32, num_blocks=128, group=8)
+    s.add(request("long", 50, max_new_tokens=2))
+    s.add(request("short", 3, max_new_tokens=2))
+    chunks = []
+    while "short" not in tokens_of(plan := step(s)[0]):
+        chunks.append(tokens_of(plan))
+    # the long prompt is not cut to the group size; with its last 18 tokens in the step, the short
+    # one (18 + 3 > 8) waits for the next step
+    assert chunks == [{"long": 32}, {"long": 18}]
+    assert tokens_of(plan) == {"long": 1, "short": 3}
+    run_to_end(s)
+
+
+def test_a_second_unfinished_prompt_gets_only_what_is_left_of_the_group():
+    s = make_scheduler(step_tokens=16, num_blocks=128, group=12)
+    s.add(request("a", 20, max_new_tokens=2))
+    step(s)  # a: 16 of 20
+    s.add(request("b", 30, max_new_tokens=2))
+    plan, _ = step(s)
+    assert tokens_of(plan) == {"a": 4}  # b (30) would overrun the group of 12: it waits whole
+    plan, _ = step(s)
+    assert tokens_of(plan) == {"a": 1, "b": 15}  # b is the first prompt now: the budget's rest
+    run_to_end(s)
+
+
+def test_grouping_keeps_prefix_cache_matches_of_prompts_it_holds_back():
+    s = Scheduler(SchedulerConfig(max_batch_prefill_tokens=64, prefill_group_tokens=8),
+                  KVCacheManager(64, 4, prefix_caching=True), 1024)
+    s.add(request("a", 9, max_new_tokens=3))
+    s.add(request("b", 9, max_new_tokens=3))  # the same prompt: its first two blocks are a's
+    plan, _ = step(s)
+    assert tokens_of(plan) == {"a": 9}  # b's 9 would overrun 9 + 9 > 8: it waits, holding nothing
+    assert s.waiting[0].num_computed_tokens == 0 and not s.waiting[0].block_ids
+    plan, _ = step(s)
+    assert tokens_of(plan)["b"] == 1  # now a's blocks are cached: only b's last token is computed
+    run_to_end(s)
 
 
 def test_updates_hand_each_sampled_token_to_its_own_sequence():

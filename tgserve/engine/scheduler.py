@@ -2,7 +2,11 @@
 
 `schedule()` gives running sequences their tokens first (one for a decode, the next chunk for an
 unfinished prefill), then admits waiting sequences in arrival order while the step's token budget,
-the batch-size cap and the free KV blocks allow. When a running sequence needs a block and none is
+the batch-size cap and the free KV blocks allow. Prompts are grouped: the step's first prompt
+chunk may fill the budget, but a further prompt joins only whole and only while the step's prompt
+tokens stay within `prefill_group_tokens`, so a burst of short prompts is computed a group per
+step and the first groups get their first token early (everyone waited for the whole burst
+before; the total work is the same). When a running sequence needs a block and none is
 free, the newest running sequence is preempted: its blocks are freed and it goes back to the head
 of the queue, keeping its tokens, to be recomputed later. `update()` appends sampled tokens and
 applies the token-level stops (max_new_tokens, EOS).
@@ -59,6 +63,7 @@ class Scheduler:
         if config.max_batch_prefill_tokens is None:
             raise ValueError("max_batch_prefill_tokens must be resolved before the scheduler starts")
         self.step_tokens = config.max_batch_prefill_tokens
+        self.group_tokens = config.prefill_group_tokens  # None: prompts fill the budget, no groups
         # running decodes always fit in a step: never run more sequences than the step has tokens
         self.max_running = min(config.max_batch_size or self.step_tokens, self.step_tokens)
         self.waiting_served_ratio = config.waiting_served_ratio
@@ -112,9 +117,15 @@ class Scheduler:
         preempted: list[str] = []
         rejected: list[str] = []
         i = 0
+        prompt = 0  # prompt (prefill) tokens in this step so far
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
+            if n > 1 and prompt and self.group_tokens:  # another unfinished prompt: only what is left of the group
+                n = min(n, self.group_tokens - prompt)
+                if n < 1:
+                    i += 1
+                    continue
             while not self.kv.allocate(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 if victim is seq and len(self.running) == 1:  # alone and still too big: it never fits
@@ -129,9 +140,10 @@ class Scheduler:
                 break  # it preempted itself: nothing after it is left either
             scheduled.append(self._scheduled(seq, n))
             budget -= n
+            prompt += n if n > 1 else 0
             i += 1
         if not preempted:
-            budget = self._admit(scheduled, budget, rejected)
+            budget = self._admit(scheduled, budget, rejected, prompt)
         self.running.extend(self._new_forks)  # they join now, so this step did not schedule them
         self._new_forks = []
         return StepPlan(tuple(scheduled), self.step_tokens - budget, tuple(preempted), tuple(rejected),
@@ -157,7 +169,7 @@ class Scheduler:
         """The sequence and the siblings it has not forked yet (they end with it)."""
         return [seq.request_id, *(s.request_id for s in seq.siblings)]
 
-    def _admit(self, scheduled: list[ScheduledSeq], budget: int, rejected: list[str]) -> int:
+    def _admit(self, scheduled: list[ScheduledSeq], budget: int, rejected: list[str], prompt: int) -> int:
         if not self.waiting:
             return budget
         if self.running and self.waiting_served_ratio > 0:
@@ -175,6 +187,10 @@ class Scheduler:
             # the budget and may overrun what is left of it (it cannot be chunked; it never waits)
             encoder = len(seq.encoder_ids) if seq.encoder_ids is not None and not seq.encoded else 0
             matched = self.kv.match_prefix(seq)  # cached prefix blocks: computed already
+            if self.group_tokens and prompt and prompt + seq.num_uncomputed_tokens > self.group_tokens:
+                if matched:
+                    self.kv.unmatch(seq)
+                break  # the step has its group of prompts: this one starts the next step's
             n = min(seq.num_uncomputed_tokens, max(budget - encoder, 1))
             # keep a few blocks back for the running decodes, unless nothing runs
             reserve = self.watermark_blocks if self.running else 0
@@ -194,6 +210,7 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(self._scheduled(seq, n))
             budget -= n + encoder
+            prompt += n if n > 1 else 0
         return max(budget, 0)
 
     def _preempt(self, seq: Sequence) -> None:
