@@ -59,6 +59,23 @@ def test_greedy_rows_return_argmax_and_its_log_softmax():
     torch.testing.assert_close(torch.tensor(out.logprobs), expected, atol=1e-5, rtol=0)
 
 
+def test_all_greedy_steps_reuse_columns_equal_to_the_general_build():
+    plain = [SamplingParams()] * 3
+    fast = SamplingTensors.build(plain, [4, 9, 2], CPU)
+    assert SamplingTensors.build(plain, [7, 1, 3], CPU) is fast  # built once per row count
+    general = SamplingTensors.build([*plain, sampled()], [4, 9, 2, 5], CPU)  # the general path
+    for name in ("temperature", "top_k", "top_p", "typical_p", "uniform", "top_n"):
+        assert torch.equal(getattr(fast, name), getattr(general, name)[:3]), name
+    assert fast.greedy_rows.tolist() == general.greedy_rows.tolist() == [0, 1, 2]
+    assert fast.candidate_rows == () and fast.vocab_rows is None and fast.top_n_rows is None
+    assert fast.penalty_rows is None and fast.bias is None and fast.watermark_rows is None
+    # any feature on any row takes the general path
+    for other in (SamplingParams(top_n_tokens=2), SamplingParams(repetition_penalty=1.2),
+                  SamplingParams(watermark=True), SamplingParams(logit_bias=((5, 1.0),))):
+        built = SamplingTensors.build([*plain[:2], other], [4, 9, 2], CPU, [1, 2, 3])
+        assert built is not fast and built.greedy_rows.tolist() == [0, 1, 2]
+
+
 def test_mixed_batch_keeps_greedy_rows_exactly_greedy():
     logits = random_logits(8, 300, seed=1)
     params = [SamplingParams(), *FILTERED[:3], SamplingParams(), sampled(), FILTERED[3], SamplingParams()]

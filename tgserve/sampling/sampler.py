@@ -87,8 +87,7 @@ def sample(logits: torch.Tensor, t: SamplingTensors, seen: tuple[torch.Tensor, .
     if grammar is not None:
         scores = _on_rows(scores, grammar.rows, grammar.apply)
 
-    tokens = torch.zeros(t.num_rows, dtype=torch.long, device=scores.device)
-    logprobs = torch.zeros(t.num_rows, dtype=torch.float32, device=scores.device)
+    tokens = logprobs = None
     top_ids: list[list[int]] | None = None
     top_logprobs: list[list[float]] | None = None
     if t.top_n_rows is not None:
@@ -101,11 +100,19 @@ def sample(logits: torch.Tensor, t: SamplingTensors, seen: tuple[torch.Tensor, .
         whole = rows.numel() == t.num_rows
         sub = scores if whole else scores.index_select(0, rows)
         top_n = t.top_n if whole else t.top_n.index_select(0, rows)
-        choice = choose(sub, t, rows, bool((top_n > 0).any()))
-        tokens.index_copy_(0, rows, choice.tokens)
-        logprobs.index_copy_(0, rows, choice.logprobs)
+        choice = choose(sub, t, rows, t.top_n_rows is not None and bool((top_n > 0).any()))
+        if whole:  # one group holds every row (rows = 0..n-1, in order)
+            tokens, logprobs = choice.tokens, choice.logprobs.float()
+        else:
+            if tokens is None:
+                tokens = torch.zeros(t.num_rows, dtype=torch.long, device=scores.device)
+                logprobs = torch.zeros(t.num_rows, dtype=torch.float32, device=scores.device)
+            tokens.index_copy_(0, rows, choice.tokens)
+            logprobs.index_copy_(0, rows, choice.logprobs)
         if choice.final is not None:
             _top_n(choice, top_n, rows.tolist(), top_ids, top_logprobs)
+    if tokens is None:  # no rows
+        return SampledTokens([], [], top_ids, top_logprobs)
     return SampledTokens(tokens.tolist(), logprobs.tolist(), top_ids, top_logprobs)
 
 

@@ -10,6 +10,7 @@ parameters only, never on its neighbours.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +79,9 @@ class SamplingTensors:
         """`positions[i]`: index of the token row i is about to produce (its sequence length);
         `last_tokens[i]`: the token before it (needed by watermarked rows)."""
 
+        if all(_plain_greedy(p) for p in params):  # the common case: the same columns every step
+            return _greedy_columns(len(params), device)
+
         def rows(picked: list[int]) -> torch.Tensor | None:
             return torch.tensor(picked, dtype=torch.long, device=device) if picked else None
 
@@ -124,3 +128,26 @@ class SamplingTensors:
             previous_tokens=column([last_tokens[i] for i in watermarked], torch.long) if watermarked else None,
             top_n_rows=rows([i for i, p in enumerate(params) if p.top_n_tokens > 0]),
         )
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    return not (p.do_sample or p.uses_penalty or p.uses_output_penalty or p.logit_bias or p.watermark
+                or p.top_n_tokens)
+
+
+@functools.lru_cache(maxsize=256)
+def _greedy_columns(num_rows: int, device: torch.device) -> SamplingTensors:
+    """What `build` makes for rows that all choose greedily with nothing else on: kept per row
+    count (the columns are only read)."""
+    def column(value: float, dtype: torch.dtype) -> torch.Tensor:
+        return torch.full((num_rows,), value, dtype=dtype, device=device)
+
+    return SamplingTensors(
+        num_rows=num_rows, temperature=column(1.0, torch.float32), top_k=column(0, torch.long),
+        top_p=column(1.0, torch.float32), typical_p=column(1.0, torch.float32),
+        uniform=column(0.0, torch.float64), top_n=column(0, torch.long),
+        greedy_rows=torch.arange(num_rows, device=device), candidate_rows=(), vocab_rows=None,
+        penalty_rows=None, repetition_penalty=None, frequency_penalty=None, lengths=None,
+        output_penalty_rows=None, output_frequency=None, output_presence=None, bias=None,
+        watermark_rows=None, previous_tokens=None, top_n_rows=None,
+    )
