@@ -39,6 +39,48 @@ def test_bf16_rms_norm_is_bit_exact(rows, hidden):
     assert torch.equal(layer(x), native)
 
 
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (64, 576), (5, 40)])
+def test_bf16_residual_add_then_rms_norm_in_one_pass_is_bit_exact(rows, hidden):
+    g = torch.Generator().manual_seed(rows + 7)
+    x, y = ((torch.randn(rows, hidden, generator=g) * 3).to(torch.bfloat16) for _ in range(2))
+    weight = torch.randn(hidden, generator=g).to(torch.bfloat16)
+    total, normed = native_or_skip(cpu_kernels.add_rms_norm(x, y, weight, 1e-5))
+    assert torch.equal(total, x + y)  # the bf16 add's rounding
+    assert torch.equal(normed, torch_rms_norm(x + y, weight, 1e-5))
+    layer = RMSNorm(hidden, 1e-5, torch.bfloat16)
+    layer.weight.data.copy_(weight)
+    fused = layer.add_forward(x, y)
+    assert torch.equal(fused[0], total) and torch.equal(fused[1], normed)
+    # float32 (and any norm the kernel does not take) adds, then normalises, as two steps
+    x32, y32 = x.float(), y.float()
+    layer32 = RMSNorm(hidden, 1e-5)
+    layer32.weight.data.copy_(weight.float())
+    assert cpu_kernels.add_rms_norm(x32, y32, layer32.weight, 1e-5) is None
+    s, h = layer32.add_forward(x32, y32)
+    assert torch.equal(s, x32 + y32) and torch.equal(h, layer32(x32 + y32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_cache_write_equals_index_copy_also_from_strided_rows(dtype):
+    g = torch.Generator().manual_seed(3)
+    blocks, block_size, kv_heads, head_dim, tokens = 6, 4, 3, 8, 5
+    qkv = torch.randn(tokens, 40 + 2 * kv_heads * head_dim, generator=g).to(dtype)  # a fused projection
+    k = qkv[:, 40:40 + kv_heads * head_dim].view(tokens, kv_heads, head_dim)  # strided rows
+    v = qkv[:, 40 + kv_heads * head_dim:].view(tokens, kv_heads, head_dim)
+    slots = torch.tensor([5, 0, 23, 9, 10])
+    caches = [torch.randn(blocks, block_size, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    expected[0].view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+    expected[1].view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+    if not cpu_kernels.write_kv(k, v, *caches, slots):
+        pytest.skip("no native kernels here")
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+    # a slot past the cache writes nothing and says so (the caller's index_copy_ then raises)
+    before = [c.clone() for c in caches]
+    assert not cpu_kernels.write_kv(k, v, *caches, torch.tensor([1, 2, 3, 4, blocks * block_size]))
+    assert torch.equal(caches[0], before[0]) and torch.equal(caches[1], before[1])
+
+
 def test_float32_rms_norm_and_silu_stay_on_pytorch():
     """float32 is the dtype compared with transformers token for token: no last-bit differences."""
     assert cpu_kernels.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-6) is None

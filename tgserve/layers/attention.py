@@ -91,14 +91,17 @@ class PagedAttention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
         # q: [tokens, heads, head_dim]; k, v: [tokens, kv_heads, head_dim] → [tokens, heads * head_dim]
-        num_blocks, block_size = self.k_cache.shape[:2]
-        k_slots = self.k_cache.view(num_blocks * block_size, self.num_kv_heads, self.head_dim)
-        v_slots = self.v_cache.view(num_blocks * block_size, self.num_kv_heads, self.head_dim)
-        k_slots.index_copy_(0, attn.slot_mapping, k)
-        v_slots.index_copy_(0, attn.slot_mapping, v)
+        if not cpu_kernels.write_kv(k, v, self.k_cache, self.v_cache, attn.slot_mapping):
+            num_blocks, block_size = self.k_cache.shape[:2]
+            k_slots = self.k_cache.view(num_blocks * block_size, self.num_kv_heads, self.head_dim)
+            v_slots = self.v_cache.view(num_blocks * block_size, self.num_kv_heads, self.head_dim)
+            k_slots.index_copy_(0, attn.slot_mapping, k)
+            v_slots.index_copy_(0, attn.slot_mapping, v)
 
-        out = torch.empty_like(q)
         d = attn.num_decode
+        if d and d == q.shape[0]:  # decodes only: their output is the layer's
+            return self._decode(q, attn).reshape(d, self.num_heads * self.head_dim)
+        out = torch.empty_like(q)
         if d:
             out[:d] = self._decode(q[:d], attn)
         for chunk in attn.prefills:

@@ -3,8 +3,8 @@
 Only what PyTorch has no good op for lives here: paged decode attention, bf16 linear layers at
 decode-sized batches (kernels/linear_small.c, where the CPU has AVX-512 BF16), greedy choice
 with its log-probability in one pass over the logits (kernels/greedy.c), and a layer's small
-element-wise steps — RMSNorm, rotary embedding, SiLU-and-multiply — as one pass each
-(kernels/elementwise.c). If no compiler is
+element-wise steps — RMSNorm (alone or after the residual add), rotary embedding,
+SiLU-and-multiply, the K/V cache write — as one pass each (kernels/elementwise.c). If no compiler is
 found or the build fails, callers get None and fall back to the PyTorch path, which gives the same
 results (up to float rounding).
 """
@@ -31,8 +31,8 @@ _SOURCES = [os.path.join(os.path.dirname(__file__), "kernels", name) for name in
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # the dtypes each element-wise kernel takes: only where it gives PyTorch's own bits (elementwise.c)
-_ELEMENTWISE = {"rms_norm": (torch.bfloat16,), "rotary": (torch.float32, torch.bfloat16),
-                "silu_mul": (torch.bfloat16,)}
+_ELEMENTWISE = {"rms_norm": (torch.bfloat16,), "add_rms_norm": (torch.bfloat16,),
+                "rotary": (torch.float32, torch.bfloat16), "silu_mul": (torch.bfloat16,)}
 
 
 def _cpu_signature() -> str:
@@ -82,7 +82,10 @@ def _library() -> ctypes.CDLL | None:
     lib.llama_decode_stack_bf16.argtypes = ([ptr, i32, ptr] + [i32] * 6 + [ctypes.c_float] + [ptr] * 6
                                             + [i32, i32, ctypes.c_float])
     lib.llama_decode_stack_bf16.restype = None
+    lib.write_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64]
+    lib.write_kv.restype = ctypes.c_int
     for name, args in (("rms_norm", [ptr] * 3 + [i64, i64, ctypes.c_float]),
+                       ("add_rms_norm", [ptr] * 5 + [i64, i64, ctypes.c_float]),
                        ("rotary", [ptr, i64, ptr, i64] + [ptr] * 5 + [i64, i32, i32, i32]),
                        ("silu_mul", [ptr, ptr, i64, i64])):
         for dtype in _ELEMENTWISE[name]:
@@ -131,6 +134,37 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     out = torch.empty_like(x)
     fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
     return out
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x + y, rms_norm(x + y)) in one pass, rounded as the two ops round; None if not here."""
+    fn = _elementwise("add_rms_norm", x, y, weight)
+    if fn is None or x.shape != y.shape or not (x.is_contiguous() and y.is_contiguous() and weight.is_contiguous()):
+        return None
+    total, out = torch.empty_like(x), torch.empty_like(x)
+    fn(x.data_ptr(), y.data_ptr(), weight.data_ptr(), total.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+       x.shape[-1], eps)
+    return total, out
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> bool:
+    """k, v [tokens, kv_heads, head_dim] (token rows may be strided) into the caches' slots
+    ([blocks, block_size, kv_heads, head_dim], slot = block * block_size + offset), as
+    index_copy_ would; False where it cannot (nothing written: the caller's own path runs)."""
+    lib = _library()
+    if (lib is None or k.device.type != "cpu" or slots.dtype != torch.long or not slots.is_contiguous()
+            or len({k.dtype, v.dtype, k_cache.dtype, v_cache.dtype}) != 1 or k.shape != v.shape
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape != v_cache.shape
+            or k.shape[1:] != k_cache.shape[2:] or slots.numel() != k.shape[0]
+            or k.stride()[1:] != (k.shape[2], 1) or v.stride()[1:] != (v.shape[2], 1)):
+        return False
+    size = k.element_size()
+    row_bytes = k.shape[1] * k.shape[2] * size
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    return lib.write_kv(k.data_ptr(), k.stride(0) * size, v.data_ptr(), v.stride(0) * size, k_cache.data_ptr(),
+                        v_cache.data_ptr(), slots.data_ptr(), k.shape[0], row_bytes, num_slots) == 0
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor

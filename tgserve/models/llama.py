@@ -91,9 +91,16 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(cfg, dtype)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs,
+                pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`pending`: the previous layer's MLP output, not yet added to x (the add is fused with
+        this layer's first norm). Returns (x, this layer's MLP output, not yet added)."""
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            x, h = self.input_layernorm.add_forward(x, pending)
+        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, positions, attn))
+        return x, self.mlp(h)
 
 
 class LlamaModel(nn.Module):
@@ -115,9 +122,10 @@ class LlamaModel(nn.Module):
             self._stack = DecodeStack(list(self.layers))
         if (stacked := self._stack.run(x, positions, attn)) is not None:
             return stacked  # the same computation, bit for bit (layers/decode_stack.py)
+        pending = None
         for layer in self.layers:
-            x = layer(x, positions, attn)
-        return x
+            x, pending = layer(x, positions, attn, pending)
+        return x + pending
 
 
 class LlamaForCausalLM(nn.Module):

@@ -25,19 +25,35 @@ static inline uint16_t to_bf(float f) {
 #define BF16_ROUND(x) bf(to_bf(x))  /* the value a bf16 op would have produced */
 #define BF16_OUT(x) to_bf(x)
 
-/* Llama's RMSNorm: h = x * rsqrt(mean(x^2) + eps) in float32, rounded to the dtype, times weight. */
+/* Llama's RMSNorm: h = x * rsqrt(mean(x^2) + eps) in float32, rounded to the dtype, times weight.
+ * One row; never inlined, so the plain and the fused (add_rms_norm) kernels run the same code and
+ * give the same bits. */
 #define DEFINE_RMS_NORM(NAME, T, IN, ROUND, OUT)                                                   \
+__attribute__((noinline)) static void NAME##_row(const T* xr, const T* weight, T* o, int64_t hidden, \
+                                                 float eps) {                                      \
+    float ss = 0.f;                                                                                \
+    _Pragma("omp simd reduction(+:ss)")                                                            \
+    for (int64_t i = 0; i < hidden; i++) { const float v = IN(xr[i]); ss += v * v; }              \
+    const float inv = 1.f / sqrtf(ss / (float)hidden + eps);                                       \
+    _Pragma("omp simd")                                                                            \
+    for (int64_t i = 0; i < hidden; i++) o[i] = OUT(IN(weight[i]) * ROUND(IN(xr[i]) * inv));       \
+}                                                                                                  \
 void NAME(const T* x, const T* weight, T* out, int64_t rows, int64_t hidden, float eps) {          \
+    _Pragma("omp parallel for schedule(static)")                                                   \
+    for (int64_t r = 0; r < rows; r++) NAME##_row(x + r * hidden, weight, out + r * hidden, hidden, eps); \
+}                                                                                                  \
+/* The residual add before it, in the same pass: sum = x + y (rounded as the dtype's add rounds),  \
+ * out = RMSNorm(sum): what `x = x + y; h = norm(x)` gives, without a pass and an op between. */   \
+void add_##NAME(const T* x, const T* y, const T* weight, T* sum, T* out, int64_t rows, int64_t hidden, \
+                float eps) {                                                                       \
     _Pragma("omp parallel for schedule(static)")                                                   \
     for (int64_t r = 0; r < rows; r++) {                                                           \
         const T* xr = x + r * hidden;                                                              \
-        T* o = out + r * hidden;                                                                   \
-        float ss = 0.f;                                                                            \
-        _Pragma("omp simd reduction(+:ss)")                                                        \
-        for (int64_t i = 0; i < hidden; i++) { const float v = IN(xr[i]); ss += v * v; }          \
-        const float inv = 1.f / sqrtf(ss / (float)hidden + eps);                                   \
+        const T* yr = y + r * hidden;                                                              \
+        T* sr = sum + r * hidden;                                                                  \
         _Pragma("omp simd")                                                                        \
-        for (int64_t i = 0; i < hidden; i++) o[i] = OUT(IN(weight[i]) * ROUND(IN(xr[i]) * inv));   \
+        for (int64_t i = 0; i < hidden; i++) sr[i] = OUT(IN(xr[i]) + IN(yr[i]));                  \
+        NAME##_row(sr, weight, out + r * hidden, hidden, eps);                                     \
     }                                                                                              \
 }
 
@@ -94,3 +110,16 @@ DEFINE_RMS_NORM(rms_norm_bf16, uint16_t, BF16_IN, BF16_ROUND, BF16_OUT)
 DEFINE_ROTARY(rotary_f32, float, F32_IN, F32_ROUND, F32_OUT)
 DEFINE_ROTARY(rotary_bf16, uint16_t, BF16_IN, BF16_ROUND, BF16_OUT)
 DEFINE_SILU_MUL(silu_mul_bf16, uint16_t, BF16_IN, BF16_ROUND, BF16_OUT)
+
+/* This step's keys and values into their cache slots (any dtype: rows of row_bytes; the source
+ * rows may be strided views). -1 where a slot is out of range (nothing is written then). */
+int write_kv(const char* k, int64_t k_stride, const char* v, int64_t v_stride, char* k_cache, char* v_cache,
+             const int64_t* slots, int64_t tokens, int64_t row_bytes, int64_t num_slots) {
+    for (int64_t t = 0; t < tokens; t++)
+        if (slots[t] < 0 || slots[t] >= num_slots) return -1;
+    for (int64_t t = 0; t < tokens; t++) {
+        memcpy(k_cache + slots[t] * row_bytes, k + t * k_stride, row_bytes);
+        memcpy(v_cache + slots[t] * row_bytes, v + t * v_stride, row_bytes);
+    }
+    return 0;
+}
