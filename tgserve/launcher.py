@@ -42,6 +42,11 @@ DEFAULT_MASTER_PORT = 29500  # torch.distributed's
 # prompt tokens per step beyond the first prompt's chunk, on CPU: about where a step's matmuls stop
 # getting more efficient with more rows (README: scheduling), so smaller groups cost no throughput
 CPU_PREFILL_GROUP_TOKENS = 64
+# glibc's malloc asks for transparent huge pages on the memory it maps (weights, KV cache): a
+# decode step streams every weight, and with 2 MiB pages it misses the TLB far less (README:
+# memory). Set for the engine ranks unless GLIBC_TUNABLES is already set; the kernel decides
+# (/sys/kernel/mm/transparent_hugepage: "madvise" or "always"), older glibc ignores it.
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 ENGINE_STOP_SECONDS = 10
 
 
@@ -140,6 +145,8 @@ class Supervisor:
 
     def run(self) -> int:
         for process in self._children():
+            if process is not self.api:  # the engine ranks: read by the child at exec
+                os.environ.setdefault("GLIBC_TUNABLES", HUGE_PAGES_TUNABLE)
             process.start()
         if self.api is not None:
             log.info("started api (pid %d) and engine (pid %d)", self.api.pid, self.engines[0].pid)

@@ -110,3 +110,27 @@ def test_json_output_logs_json_lines(tmp_path):
     assert result.returncode == 2
     entries = [json.loads(line) for line in result.stderr.strip().splitlines()]
     assert entries[-1]["level"] == "ERROR" and "not found" in entries[-1]["message"]
+
+
+def _environ(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return f.read().split(b"\0")
+
+
+def test_engine_ranks_ask_glibc_for_huge_pages_unless_the_user_chose_tunables(tiny_llama_dir, server_factory):
+    """The engine's large allocations (weights, KV cache) go on transparent huge pages where the
+    kernel allows it (README: memory); the API process is left as it is, and a GLIBC_TUNABLES the
+    user set wins."""
+    server = server_factory(tiny_llama_dir, *TINY_SERVER_ARGS)
+    engine = server.child_pid("engine")
+    assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in _environ(engine)
+    assert not any(e.startswith(b"GLIBC_TUNABLES=") for e in _environ(server.child_pid("api")))
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        thp = f.read()
+    if "[never]" not in thp:  # the kernel hands them out: the engine holds some
+        with open(f"/proc/{engine}/smaps_rollup") as f:
+            huge_kb = next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+        assert huge_kb > 0
+    server.stop()
+    chosen = server_factory(tiny_llama_dir, *TINY_SERVER_ARGS, env={"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+    assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=0" in _environ(chosen.child_pid("engine"))
