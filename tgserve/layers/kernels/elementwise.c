@@ -108,7 +108,61 @@ void NAME(const T* x, T* out, int64_t rows, int64_t width) {                    
 
 DEFINE_RMS_NORM(rms_norm_bf16, uint16_t, BF16_IN, BF16_ROUND, BF16_OUT)
 DEFINE_ROTARY(rotary_f32, float, F32_IN, F32_ROUND, F32_OUT)
-DEFINE_ROTARY(rotary_bf16, uint16_t, BF16_IN, BF16_ROUND, BF16_OUT)
+DEFINE_ROTARY(rotary_bf16_generic, uint16_t, BF16_IN, BF16_ROUND, BF16_OUT)
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+/* The same bf16 rotary, 16 lanes at a time, for head_dim a multiple of 32: each product and the
+ * sum rounded to bf16 with vcvtneps2bf16 (round to nearest even, as the scalar formula), so the
+ * same bits for finite inputs. The generic loop above did not vectorise (its rounding is integer
+ * work on float bits): 64 rows x 12 heads of SmolLM2 took ~70 us per layer. */
+static inline __m512 bf16x16_in(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+static inline __m512 round_bf16(__m512 x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
+}
+static inline __m512 negate(__m512 x) {  /* -x, zeros included (0 - x would give +0 for +0) */
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u)));
+}
+static void rotary_bf16_one_avx512(const uint16_t* x, int64_t x_stride, uint16_t* out, const int64_t* positions,
+                                   const uint16_t* cos, const uint16_t* sin, int64_t tokens, int heads, int head_dim) {
+    const int half = head_dim / 2;
+    #pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < tokens; t++) {
+        const uint16_t* c = cos + positions[t] * head_dim;
+        const uint16_t* s = sin + positions[t] * head_dim;
+        for (int h = 0; h < heads; h++) {
+            const uint16_t* xh = x + t * x_stride + (int64_t)h * head_dim;
+            uint16_t* oh = out + (t * heads + h) * (int64_t)head_dim;
+            for (int i = 0; i < half; i += 16) {
+                const __m512 a = bf16x16_in(xh + i), b = bf16x16_in(xh + i + half);
+                const __m512 lo = _mm512_add_ps(round_bf16(_mm512_mul_ps(a, bf16x16_in(c + i))),
+                                                round_bf16(_mm512_mul_ps(negate(b),
+                                                                         bf16x16_in(s + i))));
+                const __m512 hi = _mm512_add_ps(round_bf16(_mm512_mul_ps(b, bf16x16_in(c + i + half))),
+                                                round_bf16(_mm512_mul_ps(a, bf16x16_in(s + i + half))));
+                _mm256_storeu_si256((__m256i*)(oh + i), (__m256i)_mm512_cvtneps_pbh(lo));
+                _mm256_storeu_si256((__m256i*)(oh + i + half), (__m256i)_mm512_cvtneps_pbh(hi));
+            }
+        }
+    }
+}
+#endif
+
+void rotary_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t k_stride, uint16_t* q_out,
+                 uint16_t* k_out, const int64_t* positions, const uint16_t* cos, const uint16_t* sin, int64_t tokens,
+                 int heads, int kv_heads, int head_dim) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    if (head_dim % 32 == 0) {
+        rotary_bf16_one_avx512(q, q_stride, q_out, positions, cos, sin, tokens, heads, head_dim);
+        rotary_bf16_one_avx512(k, k_stride, k_out, positions, cos, sin, tokens, kv_heads, head_dim);
+        return;
+    }
+#endif
+    rotary_bf16_generic(q, q_stride, k, k_stride, q_out, k_out, positions, cos, sin, tokens, heads, kv_heads,
+                        head_dim);
+}
 DEFINE_SILU_MUL(silu_mul_bf16, uint16_t, BF16_IN, BF16_ROUND, BF16_OUT)
 
 /* This step's keys and values into their cache slots (any dtype: rows of row_bytes; the source
