@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from tgserve.engine.scheduler import ScheduledSeq, StepPlan
-from tgserve.layers.attention import NULL_BLOCK, AttentionInputs, PrefillChunk
+from tgserve.layers.attention import NULL_BLOCK, AttentionInputs, PrefillChunk, key_mask
 from tgserve.layers.cross_attention import CrossInputs, EncoderBatch
 
 _EMPTY = np.zeros(0, dtype=np.int64)
@@ -65,7 +65,7 @@ class StepInputs:
                 num_decode=self.num_decode,
                 decode_block_table=table,
                 decode_seq_lens=lens,
-                decode_mask=None if lens is None else _key_mask(lens, table.shape[1] * self.block_size),
+                block_size=self.block_size,
                 prefills=tuple(_chunk(start, length, context, move(blocks), device)
                                for start, length, context, blocks in self.prefills),
             ),
@@ -197,7 +197,7 @@ def _cross_to_device(cross: HostCross, block_size: int, move) -> CrossInputs:
     encode = None
     if cross.encode_ids is not None:
         encode = EncoderBatch(move(cross.encode_ids), list(cross.encode_lengths), move(cross.encode_slots))
-    return CrossInputs(table, lens, None if lens is None else _key_mask(lens, table.shape[1] * block_size),
+    return CrossInputs(table, lens, None if lens is None else key_mask(lens, table.shape[1] * block_size),
                        tuple((move(blocks), length) for blocks, length in cross.chunks), encode)
 
 
@@ -210,11 +210,6 @@ def _decode_table(decodes: list[ScheduledSeq], block_size: int) -> tuple[np.ndar
         blocks = s.seq.block_ids[:max_blocks]
         table[row, :len(blocks)] = blocks
     return table, lengths
-
-
-def _key_mask(lengths: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """[rows, 1, 1, keys]: which gathered key positions are real."""
-    return (torch.arange(num_keys, device=lengths.device)[None, :] < lengths[:, None])[:, None, None, :]
 
 
 def _chunk(start: int, length: int, context: int, blocks: torch.Tensor | None, device: torch.device) -> PrefillChunk:

@@ -17,7 +17,7 @@ biases built per step) instead of the kernel.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,23 @@ class AttentionInputs:
     num_decode: int  # the first num_decode tokens are one-token rows
     decode_block_table: torch.Tensor | None  # [num_decode, max_blocks] int64, padded with NULL_BLOCK
     decode_seq_lens: torch.Tensor | None  # [num_decode] int64, keys each decode row attends to
-    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] bool, True = real key
+    block_size: int
     prefills: tuple[PrefillChunk, ...]
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)  # built on first use
+
+    def decode_mask(self) -> torch.Tensor | None:
+        """[num_decode, 1, 1, max_blocks * block_size] bool, True = a real key, for the PyTorch decode
+        path; built on first use (the native kernel reads the lengths: most steps never build it)."""
+        if self.decode_seq_lens is None:
+            return None
+        if "decode" not in self._masks:
+            self._masks["decode"] = key_mask(self.decode_seq_lens, self.decode_block_table.shape[1] * self.block_size)
+        return self._masks["decode"]
+
+
+def key_mask(lengths: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[rows, 1, 1, keys]: which gathered key positions are real."""
+    return (torch.arange(num_keys, device=lengths.device)[None, :] < lengths[:, None])[:, None, None, :]
 
 
 class AttentionClock:
@@ -127,10 +142,10 @@ class PagedAttention(nn.Module):
         if not self.plain:
             positions = torch.arange(keys.shape[2], device=q.device)  # [keys]
             query_positions = (attn.decode_seq_lens - 1)[:, None, None, None]  # [decodes, 1, 1, 1]
-            o = self._explicit(q.unsqueeze(2), keys, values, attn.decode_mask, query_positions, positions)
+            o = self._explicit(q.unsqueeze(2), keys, values, attn.decode_mask(), query_positions, positions)
             return o.squeeze(2)
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=attn.decode_mask, scale=self.scale,
+            q.unsqueeze(2), keys, values, attn_mask=attn.decode_mask(), scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return o.squeeze(2)  # [decodes, heads, head_dim]

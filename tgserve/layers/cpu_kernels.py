@@ -117,13 +117,23 @@ def linear_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y
 
 
-def _elementwise(name: str, *tensors: torch.Tensor):
-    """The kernel `name` for these CPU tensors' dtype (all the same), or None."""
-    dtype = tensors[0].dtype
-    if dtype not in _ELEMENTWISE[name] or any(t.device.type != "cpu" or t.dtype != dtype for t in tensors):
-        return None
+@functools.cache
+def _kernel(name: str, dtype: torch.dtype):
+    """The library's function `name` for `dtype` (looked up once), or None."""
     lib = _library()
     return getattr(lib, f"{name}_{_SUFFIX[dtype]}") if lib is not None else None
+
+
+def _elementwise(name: str, *tensors: torch.Tensor):
+    """The kernel `name` for these CPU tensors' dtype (all the same), or None. (Called per layer
+    and step: kept to attribute reads, a few microseconds in all.)"""
+    dtype = tensors[0].dtype
+    if dtype not in _ELEMENTWISE[name]:
+        return None
+    for t in tensors:
+        if not t.is_cpu or t.dtype != dtype:
+            return None
+    return _kernel(name, dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -154,7 +164,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     ([blocks, block_size, kv_heads, head_dim], slot = block * block_size + offset), as
     index_copy_ would; False where it cannot (nothing written: the caller's own path runs)."""
     lib = _library()
-    if (lib is None or k.device.type != "cpu" or slots.dtype != torch.long or not slots.is_contiguous()
+    if (lib is None or not k.is_cpu or slots.dtype != torch.long or not slots.is_contiguous()
             or len({k.dtype, v.dtype, k_cache.dtype, v_cache.dtype}) != 1 or k.shape != v.shape
             or not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k_cache.shape != v_cache.shape
             or k.shape[1:] != k_cache.shape[2:] or slots.numel() != k.shape[0]
@@ -234,16 +244,16 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     q: [seqs, heads, head_dim]; caches: [blocks, block_size, kv_heads, head_dim];
     block_tables: [seqs, max_blocks] int64; seq_lens: [seqs] int64. Returns [seqs, heads, head_dim].
     """
-    if q.device.type != "cpu" or q.dtype not in _SUFFIX:
+    if not q.is_cpu or q.dtype not in _SUFFIX:
         return None
-    lib = _library()
-    if lib is None:
+    fn = _kernel("paged_decode", q.dtype)
+    if fn is None:
         return None
     q = q.contiguous()
     out = torch.empty_like(q)
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    getattr(lib, f"paged_decode_{_SUFFIX[q.dtype]}")(
+    fn(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
         out.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, block_size, block_tables.shape[1], scale)
     return out
