@@ -1,7 +1,8 @@
 """Native CPU kernels: compiled once per machine with the system C compiler, loaded with ctypes.
 
 Only what PyTorch has no good op for lives here: paged decode attention, bf16 linear layers at
-decode-sized batches (kernels/linear_small.c, where the CPU has AVX-512 BF16), greedy choice
+decode-sized batches (kernels/linear_small.c, where the CPU has AVX-512 BF16) and past them over
+panel-packed weights (kernels/gemm_panel.c, faster than oneDNN's packed GEMM here), greedy choice
 with its log-probability in one pass over the logits (kernels/greedy.c), and a layer's small
 element-wise steps — RMSNorm (alone or after the residual add), rotary embedding,
 SiLU-and-multiply, the K/V cache write — as one pass each (kernels/elementwise.c). If no compiler is
@@ -27,7 +28,8 @@ log = logging.getLogger(__name__)
 
 _SOURCES = [os.path.join(os.path.dirname(__file__), "kernels", name) for name in ("paged_attention.c", "linear_small.c",
                                                                                   "greedy.c", "elementwise.c",
-                                                                                  "decode_stack.c")]
+                                                                                  "decode_stack.c",
+                                                                                  "gemm_panel.c")]
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # the dtypes each element-wise kernel takes: only where it gives PyTorch's own bits (elementwise.c)
@@ -76,6 +78,9 @@ def _library() -> ctypes.CDLL | None:
     lib.linear_small_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     lib.linear_small_bf16.restype = None
     lib.linear_small_available.restype = ctypes.c_int
+    lib.gemm_panel_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+    lib.gemm_panel_bf16.restype = None
+    lib.gemm_panel_available.restype = ctypes.c_int
     lib.greedy_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.greedy_f32.restype = None
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -122,6 +127,43 @@ def _kernel(name: str, dtype: torch.dtype):
     """The library's function `name` for `dtype` (looked up once), or None."""
     lib = _library()
     return getattr(lib, f"{name}_{_SUFFIX[dtype]}") if lib is not None else None
+
+
+PANEL = 64  # output columns per panel of a panel-packed weight (kernels/gemm_panel.c)
+
+
+@functools.cache
+def gemm_panel_available() -> bool:
+    lib = _library()
+    return lib is not None and lib.gemm_panel_available() == 1
+
+
+def panel_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """A bf16 CPU weight [out, in] repacked for `gemm_panel` ([out / 64, in / 2, 64, 2]), or None
+    where the kernel cannot take it (no AVX-512 BF16 build, out not a multiple of 64, in odd)."""
+    out_features, in_features = weight.shape
+    if (weight.dtype != torch.bfloat16 or not weight.is_cpu or out_features % PANEL or in_features % 2
+            or not gemm_panel_available()):
+        return None
+    w = weight.detach().reshape(out_features // PANEL, PANEL, in_features // 2, 2)
+    return w.permute(0, 2, 1, 3).contiguous()
+
+
+def gemm_panel(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] (bf16, CPU) @ the panel-packed weight's [out, in].T (+ bias): [..., out] in bf16."""
+    num_panels, pairs, _, _ = panels.shape
+    out_features, in_features = num_panels * PANEL, pairs * 2
+    if x.dtype != torch.bfloat16 or not x.is_cpu or x.shape[-1] != in_features:
+        raise ValueError(f"a panel-packed bf16 linear takes bf16 CPU input [..., {in_features}], "
+                         f"not {x.dtype} {tuple(x.shape)} on {x.device}")
+    rows = x.numel() // in_features
+    x2 = x.reshape(rows, in_features).contiguous()
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
+    if rows:
+        bias = bias.to(torch.bfloat16).contiguous() if bias is not None else None
+        _library().gemm_panel_bf16(x2.data_ptr(), panels.data_ptr(), bias.data_ptr() if bias is not None else None,
+                                   y.data_ptr(), rows, out_features, in_features)
+    return y
 
 
 def _elementwise(name: str, *tensors: torch.Tensor):

@@ -1,0 +1,79 @@
+"""The bf16 GEMM over panel-packed weights (layers/kernels/gemm_panel.c) against the float32
+computation, and when the linears use it (quant/base.py's Unquantized)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tgserve.layers import cpu_kernels
+from tgserve.layers.linear import LinearBase
+from tgserve.weights.loader import load_model
+
+from conftest import build_tiny_llama
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.gemm_panel_available(),
+                                  reason="no AVX-512 BF16 on this CPU (or no C compiler): the kernel is not built")
+
+
+def _close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    # float32 sums of exact bf16 products, rounded once to bf16: within bf16's rounding of the result
+    torch.testing.assert_close(y.float(), ref, rtol=2 ** -8, atol=1e-3 * ref.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("k, n", [(576, 960), (1536, 576), (576, 3072), (66, 128), (2, 64)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 64, 131])
+def test_kernel_equals_the_float_computation(k, n, rows):
+    g = torch.Generator().manual_seed(k * n + rows)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    panels = cpu_kernels.panel_pack(w)
+    assert panels.shape == (n // 64, k // 2, 64, 2)
+    _close(cpu_kernels.gemm_panel(x, panels, b), x, w, b)
+    _close(cpu_kernels.gemm_panel(x, panels, None), x, w, None)
+
+
+@needs_kernel
+def test_leading_dimensions_and_strided_input_are_taken_and_bad_input_is_refused():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(128, 64, generator=g).bfloat16()
+    panels = cpu_kernels.panel_pack(w)
+    x = torch.randn(2, 3, 64, generator=g).bfloat16()
+    _close(cpu_kernels.gemm_panel(x, panels, None).reshape(6, 128), x.reshape(6, 64), w, None)
+    wide = torch.randn(5, 128, generator=g).bfloat16()[:, ::2]  # rows with a stride
+    _close(cpu_kernels.gemm_panel(wide, panels, None), wide, w, None)
+    assert cpu_kernels.gemm_panel(torch.empty(0, 64).bfloat16(), panels, None).shape == (0, 128)
+    with pytest.raises(ValueError, match="bf16 CPU input"):
+        cpu_kernels.gemm_panel(torch.randn(2, 64), panels, None)  # float32
+    with pytest.raises(ValueError, match="bf16 CPU input"):
+        cpu_kernels.gemm_panel(torch.randn(2, 32).bfloat16(), panels, None)  # wrong width
+
+
+def test_shapes_and_dtypes_the_kernel_cannot_take_are_not_packed():
+    assert cpu_kernels.panel_pack(torch.randn(100, 64).bfloat16()) is None  # out not a multiple of 64
+    assert cpu_kernels.panel_pack(torch.randn(64, 33).bfloat16()) is None  # odd in
+    assert cpu_kernels.panel_pack(torch.randn(64, 64)) is None  # float32: oneDNN's packed copy
+
+
+@needs_kernel
+def test_bf16_linears_of_fitting_shape_run_the_panel_gemm_at_every_batch_size(tmp_path):
+    folder = build_tiny_llama(str(tmp_path / "m"), tie_word_embeddings=True)
+    model, _ = load_model(folder, torch.bfloat16, torch.device("cpu"), 128)
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    paneled = [m for m in linears if m.out_features % 64 == 0 and m.in_features % 2 == 0]
+    assert paneled, "the tiny model should have some linear of a shape the kernel takes"
+    for layer in paneled:
+        assert layer.panel_weight is not None and layer.packed_weight is None and layer.weight is None
+        w = layer.small_weight if layer.small_weight is not None else None
+        for rows in (1, 5, 40):
+            x = torch.randn(rows, layer.in_features).bfloat16()
+            y = layer(x)
+            if w is not None:
+                _close(y, x, w, layer.bias)
+    float_model, _ = load_model(folder, torch.float32, torch.device("cpu"), 128)
+    assert all(getattr(m, "panel_weight", None) is None for m in float_model.modules() if isinstance(m, LinearBase))
