@@ -1,7 +1,8 @@
 """The native decode stack (layers/decode_stack.py, kernels/decode_stack.c) gives the bits of the
 layer-by-layer path: a bf16 Llama decoding a few sequences at once, greedy, token ids and logprobs
 equal with the stack and without it, at head sizes that take the attention kernel's vectorised
-path and its generic one; steps it cannot take (prefills, more rows than it takes) fall back."""
+path and its generic one, at up to four rows (the small-batch linears) and past them (the panel
+GEMM); steps it cannot take (prefills, more rows than it takes) fall back."""
 
 from __future__ import annotations
 
@@ -47,19 +48,22 @@ def generate(folder: str, prompts: list[list[int]], new_tokens: int, calls: list
                          ids=["head_dim-16", "head_dim-64"])
 def test_the_stack_gives_the_layer_by_layer_bits(tmp_path, monkeypatch, shape):
     folder = build_tiny_llama(str(tmp_path / "llama"), seed=3, **shape)
-    prompts = [[5, 9, 13, 2, 7], [3] * 19, [11, 4], [8, 8, 1, 6, 2, 9, 12]]
+    prompts = [[5, 9, 13, 2, 7], [3] * 19, [11, 4], [8, 8, 1, 6, 2, 9, 12], [4, 6], [7] * 9, [1, 2, 3]]
     calls = []
     real = cpu_kernels.decode_stack
     monkeypatch.setattr(cpu_kernels, "decode_stack", lambda *a: calls.append(a[2].shape[0]) or real(*a))
     with_stack = generate(folder, prompts, 12, calls)
-    assert calls and set(calls) <= {1, 2, 3, 4}  # decode steps of the 4 sequences (prefill steps fell back)
+    # decode steps of up to the 7 sequences (prefill steps fell back); past 4 rows on the panel GEMM
+    assert calls and set(calls) <= set(range(1, 8))
+    if cpu_kernels.gemm_panel_available():
+        assert max(calls) > cpu_kernels.linear_small_rows()
     monkeypatch.setattr(DecodeStack, "_usable", lambda self: False)
     without = generate(folder, prompts, 12)
     assert with_stack == without  # token ids and logprobs, bit for bit
 
 
-def test_more_rows_than_the_small_kernel_takes_fall_back(tmp_path, monkeypatch):
-    folder = build_tiny_llama(str(tmp_path / "llama"), seed=4)
+def test_more_rows_than_the_small_kernel_takes_fall_back_where_a_linear_has_no_panels(tmp_path, monkeypatch):
+    folder = build_tiny_llama(str(tmp_path / "llama"), seed=4, intermediate_size=100)  # gate/up 200 wide: no panels
     calls = []
     real = cpu_kernels.decode_stack
     monkeypatch.setattr(cpu_kernels, "decode_stack", lambda *a: calls.append(a[2].shape[0]) or real(*a))

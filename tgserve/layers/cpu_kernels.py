@@ -86,7 +86,7 @@ def _library() -> ctypes.CDLL | None:
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
     lib.llama_decode_stack_bf16.argtypes = ([ptr, i32, ptr] + [i32] * 6 + [ctypes.c_float] + [ptr] * 6
                                             + [i32, i32, ctypes.c_float])
-    lib.llama_decode_stack_bf16.restype = None
+    lib.llama_decode_stack_bf16.restype = ctypes.c_int
     lib.write_kv.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64]
     lib.write_kv.restype = ctypes.c_int
     for name, args in (("rms_norm", [ptr] * 3 + [i64, i64, ctypes.c_float]),
@@ -250,18 +250,18 @@ def decode_stack(pointers: torch.Tensor, layers: int, x: torch.Tensor, heads: in
                  slots: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, block_size: int,
                  scale: float) -> bool:
     """A Llama-family layer stack over x [rows, hidden] (bf16, updated in place) for one decode step
-    (kernels/decode_stack.c; `pointers`: each layer's weights and caches, layers/decode_stack.py).
-    False where it cannot run (nothing was touched)."""
+    (kernels/decode_stack.c; `pointers`: each layer's weights, caches and weight panels,
+    layers/decode_stack.py). False where it cannot run (nothing was touched: e.g. more rows than
+    the small-batch kernel takes and a linear without panels)."""
     lib = _library()
     tensors = (positions, slots, block_table, seq_lens)
     if lib is None or not x.is_contiguous() or any(t.dtype != torch.long or not t.is_contiguous() for t in tensors):
         return False
     rows, hidden = x.shape
-    lib.llama_decode_stack_bf16(pointers.data_ptr(), layers, x.data_ptr(), rows, hidden, heads, kv_heads, head_dim,
-                                intermediate, eps, positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                slots.data_ptr(), block_table.data_ptr(), seq_lens.data_ptr(), block_table.shape[1],
-                                block_size, scale)
-    return True
+    return lib.llama_decode_stack_bf16(
+        pointers.data_ptr(), layers, x.data_ptr(), rows, hidden, heads, kv_heads, head_dim, intermediate, eps,
+        positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), block_table.data_ptr(),
+        seq_lens.data_ptr(), block_table.shape[1], block_size, scale) == 0
 
 
 def greedy(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

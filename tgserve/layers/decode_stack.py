@@ -1,10 +1,11 @@
-"""A Llama-family decoder's layers in one native call for decode steps of a few sequences
-(layers/kernels/decode_stack.c): bf16 on CPUs with AVX-512 BF16, the same kernels and rounding as
-the layer-by-layer path, so the same bits, without ~40 Python-level ops per layer — at one to four
-rows those cost as much as streaming the weights.
+"""A Llama-family decoder's layers in one native call for decode steps (layers/kernels/decode_stack.c):
+bf16 on CPUs with AVX-512 BF16, the same kernels and rounding as the layer-by-layer path, so the
+same bits, without ~40 Python-level ops per layer — at one to four rows those cost as much as
+streaming the weights. Up to four rows the linears run the small-batch kernel; past that (up to
+MAX_ROWS) the panel GEMM, where every linear has its panels.
 
 `DecodeStack.run` returns None whenever the step or the model is not one it takes (a prefill in
-the step, more rows than the small-batch linear kernel takes, another dtype or device, quantized
+the step, more rows than it takes, another dtype or device, quantized
 or sharded linears (any linear whose method is not the plain one), mixture-of-experts MLPs,
 biases, q/k norms, partial rotary, attention options, no plain weights kept);
 the model then runs its layers as usual. In the steps it takes, attention is timed as part of the
@@ -23,12 +24,17 @@ from tgserve.layers.norm import RMSNorm
 from tgserve.quant.base import Unquantized
 
 
+# the most rows a step may have to run here (with panels): its scratch is a few rows x the layer widths
+MAX_ROWS = 256
+
+
 class DecodeStack:
     def __init__(self, layers):
         self.layers = layers  # LlamaDecoderLayers (models/llama.py), loaded
         self.pointers: torch.Tensor | None = None  # [layers * 8] int64, built on first use
         self.cache_ptr = 0  # the first layer's key cache when the pointers were built
         self.usable = self._usable()
+        self.max_rows = self._max_rows() if self.usable else 0
 
     def _usable(self) -> bool:
         if dist.tp_size() != 1 or cpu_kernels.linear_small_rows() == 0 or not self.layers:
@@ -48,21 +54,36 @@ class DecodeStack:
         first = self.layers[0].self_attn
         return first.rotary.cos.dtype == torch.bfloat16 and first.rotary.cos.device.type == "cpu"
 
+    def _max_rows(self) -> int:
+        """Past the small-batch kernel's rows the linears run the panel GEMM: every linear needs panels."""
+        small = cpu_kernels.linear_small_rows()
+        for layer in self.layers:
+            linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+            if any(getattr(lin, "panel_weight", None) is None for lin in linears):
+                return small
+        return MAX_ROWS
+
     def _pointer_table(self) -> torch.Tensor:
+        def panels(linear) -> int:
+            p = getattr(linear, "panel_weight", None)
+            return p.data_ptr() if p is not None else 0
+
         ptrs = []
         for layer in self.layers:
             attention, mlp = layer.self_attn, layer.mlp
             ptrs += [layer.input_layernorm.weight.data_ptr(), attention.qkv_proj.small_weight.data_ptr(),
                      attention.o_proj.small_weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                      mlp.gate_up_proj.small_weight.data_ptr(), mlp.down_proj.small_weight.data_ptr(),
-                     attention.attn.k_cache.data_ptr(), attention.attn.v_cache.data_ptr()]
+                     attention.attn.k_cache.data_ptr(), attention.attn.v_cache.data_ptr(),
+                     panels(attention.qkv_proj), panels(attention.o_proj), panels(mlp.gate_up_proj),
+                     panels(mlp.down_proj)]
         return torch.tensor(ptrs, dtype=torch.int64)
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor | None:
         """x [rows, hidden] after the embedding → after the last layer (before the final norm)."""
         rows = x.shape[0]
         if (not self.usable or attn.prefills or attn.num_decode != rows or x.dtype != torch.bfloat16
-                or x.device.type != "cpu" or not 0 < rows <= cpu_kernels.linear_small_rows()):
+                or x.device.type != "cpu" or not 0 < rows <= self.max_rows):
             return None
         first = self.layers[0].self_attn
         if self.pointers is None or self.cache_ptr != first.attn.k_cache.data_ptr():  # caches (re)bound

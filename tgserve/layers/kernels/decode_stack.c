@@ -7,9 +7,11 @@
  *   h = rms_norm(x); qkv = h W_qkv; q, k = rotary(q, k); cache[slot] = k, v;
  *   x = x + attention(q) W_o; h = rms_norm(x); x = x + (silu(h W_gate) * (h W_up)) W_down
  *
- * Each layer's pointers (8 of them: input norm, qkv, o, post-attention norm, gate_up and down
- * weights — plain row-major — then its key and value caches) come in one int64 array. x is
- * updated in place; the final norm stays with the model.
+ * Each layer's pointers (12 of them: input norm, qkv, o, post-attention norm, gate_up and down
+ * weights — plain row-major — then its key and value caches, then the qkv, o, gate_up and down
+ * weights packed in 64-column panels, or 0) come in one int64 array. Up to four rows the linears
+ * run the small-batch kernel on the plain weights, past that the panel GEMM (the same kernels the
+ * layers choose at those row counts). x is updated in place; the final norm stays with the model.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -21,6 +23,8 @@ void rotary_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t
                  uint16_t* k_out, const int64_t* positions, const uint16_t* cos, const uint16_t* sin, int64_t tokens,
                  int heads, int kv_heads, int head_dim);
 void silu_mul_bf16(const uint16_t* x, uint16_t* out, int64_t rows, int64_t width);
+void gemm_panel_bf16(const uint16_t* x, const uint16_t* panels, const uint16_t* bias, uint16_t* y, int m, int n,
+                     int k);
 void paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
                        const int64_t* block_tables, const int64_t* seq_lens, uint16_t* out, int num_seqs,
                        int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale);
@@ -32,15 +36,27 @@ static inline uint16_t bf_out(float f) {
     return (uint16_t)(u >> 16);
 }
 
+#define SMALL_ROWS 4  /* linear_small.c's MAX_ROWS */
+
+/* y = x W^T as the layer would compute it at m rows */
+static void linear(const uint16_t* x, const uint16_t* plain, const uint16_t* panels, uint16_t* y, int m, int n, int k) {
+    if (m <= SMALL_ROWS) linear_small_bf16(x, plain, NULL, y, m, n, k);
+    else gemm_panel_bf16(x, panels, NULL, y, m, n, k);
+}
+
 static void add_into(uint16_t* x, const uint16_t* y, int64_t n) {  /* x = x + y, as a bf16 add rounds */
     for (int64_t i = 0; i < n; i++) x[i] = bf_out(bf_in(x[i]) + bf_in(y[i]));
 }
 
-void llama_decode_stack_bf16(const int64_t* pointers, int layers, uint16_t* x, int m, int hidden, int heads,
+int llama_decode_stack_bf16(const int64_t* pointers, int layers, uint16_t* x, int m, int hidden, int heads,
                              int kv_heads, int head_dim, int intermediate, float eps, const int64_t* positions,
                              const uint16_t* cos, const uint16_t* sin, const int64_t* slots,
                              const int64_t* block_tables, const int64_t* seq_lens, int max_blocks, int block_size,
                              float scale) {
+    if (m > SMALL_ROWS)  /* past the small kernel's rows every linear needs its panels */
+        for (int l = 0; l < layers; l++)
+            for (int i = 8; i < 12; i++)
+                if (pointers[12 * l + i] == 0) return -1;
     const int q_size = heads * head_dim, kv_size = kv_heads * head_dim, qkv_size = q_size + 2 * kv_size;
     uint16_t* h = malloc(sizeof(uint16_t) * (size_t)m * (2 * hidden + qkv_size + 2 * q_size + kv_size
                                                          + 3 * intermediate));
@@ -52,14 +68,16 @@ void llama_decode_stack_bf16(const int64_t* pointers, int layers, uint16_t* x, i
     uint16_t* act = gate_up + (size_t)m * 2 * intermediate;
     uint16_t* y = act + (size_t)m * intermediate;
     for (int l = 0; l < layers; l++) {
-        const int64_t* p = pointers + 8 * l;
+        const int64_t* p = pointers + 12 * l;
+        const uint16_t *pn_qkv = (const uint16_t*)p[8], *pn_o = (const uint16_t*)p[9];
+        const uint16_t *pn_gate_up = (const uint16_t*)p[10], *pn_down = (const uint16_t*)p[11];
         const uint16_t *in_norm = (const uint16_t*)p[0], *w_qkv = (const uint16_t*)p[1], *w_o = (const uint16_t*)p[2];
         const uint16_t *post_norm = (const uint16_t*)p[3], *w_gate_up = (const uint16_t*)p[4];
         const uint16_t* w_down = (const uint16_t*)p[5];
         uint16_t *k_cache = (uint16_t*)p[6], *v_cache = (uint16_t*)p[7];
 
         rms_norm_bf16(x, in_norm, h, m, hidden, eps);
-        linear_small_bf16(h, w_qkv, NULL, qkv, m, qkv_size, hidden);
+        linear(h, w_qkv, pn_qkv, qkv, m, qkv_size, hidden);
         rotary_bf16(qkv, qkv_size, qkv + q_size, qkv_size, q_rot, k_rot, positions, cos, sin, m, heads, kv_heads,
                     head_dim);
         for (int i = 0; i < m; i++) {  /* this step's keys and values into their cache slots */
@@ -69,14 +87,15 @@ void llama_decode_stack_bf16(const int64_t* pointers, int layers, uint16_t* x, i
         }
         paged_decode_bf16(q_rot, k_cache, v_cache, block_tables, seq_lens, attended, m, heads, kv_heads, head_dim,
                           block_size, max_blocks, scale);
-        linear_small_bf16(attended, w_o, NULL, y, m, hidden, q_size);
+        linear(attended, w_o, pn_o, y, m, hidden, q_size);
         add_into(x, y, (int64_t)m * hidden);
 
         rms_norm_bf16(x, post_norm, h, m, hidden, eps);
-        linear_small_bf16(h, w_gate_up, NULL, gate_up, m, 2 * intermediate, hidden);
+        linear(h, w_gate_up, pn_gate_up, gate_up, m, 2 * intermediate, hidden);
         silu_mul_bf16(gate_up, act, m, intermediate);
-        linear_small_bf16(act, w_down, NULL, y, m, hidden, intermediate);
+        linear(act, w_down, pn_down, y, m, hidden, intermediate);
         add_into(x, y, (int64_t)m * hidden);
     }
     free(h);
+    return 0;
 }
