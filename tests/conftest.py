@@ -40,6 +40,14 @@ def build_tiny_tokenizer(folder: str) -> None:
     fast.save_pretrained(folder)
 
 
+def assert_bf16_linear_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    """y is a bf16 kernel's x @ w.T (+ b): float32 sums of exact bf16 products, rounded once to bf16,
+    so within bf16's rounding of the float32 computation."""
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    torch.testing.assert_close(y.float(), ref, rtol=2 ** -8, atol=1e-3 * ref.abs().max().item())
+
+
 def build_tiny_llama(folder: str, seed: int = 0, **overrides) -> str:
     """A 2-layer random Llama (grouped KV heads) with the tiny tokenizer, saved as safetensors."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tgserve.layers import cpu_kernels
 from tgserve.layers.linear import LinearBase
 from tgserve.weights.loader import load_model
 
-from conftest import build_tiny_llama
+from conftest import assert_bf16_linear_close, build_tiny_llama
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.gemm_panel_available(),
                                   reason="no AVX-512 BF16 on this CPU (or no C compiler): the kernel is not built")
-
-
-def _close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
-    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
-    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
-    # float32 sums of exact bf16 products, rounded once to bf16: within bf16's rounding of the result
-    torch.testing.assert_close(y.float(), ref, rtol=2 ** -8, atol=1e-3 * ref.abs().max().item())
 
 
 @needs_kernel
@@ -34,8 +26,8 @@ def test_kernel_equals_the_float_computation(k, n, rows):
     b = torch.randn(n, generator=g).bfloat16()
     panels = cpu_kernels.panel_pack(w)
     assert panels.shape == (n // 64, k // 2, 64, 2)
-    _close(cpu_kernels.gemm_panel(x, panels, b), x, w, b)
-    _close(cpu_kernels.gemm_panel(x, panels, None), x, w, None)
+    assert_bf16_linear_close(cpu_kernels.gemm_panel(x, panels, b), x, w, b)
+    assert_bf16_linear_close(cpu_kernels.gemm_panel(x, panels, None), x, w, None)
 
 
 @needs_kernel
@@ -44,9 +36,9 @@ def test_leading_dimensions_and_strided_input_are_taken_and_bad_input_is_refused
     w = torch.randn(128, 64, generator=g).bfloat16()
     panels = cpu_kernels.panel_pack(w)
     x = torch.randn(2, 3, 64, generator=g).bfloat16()
-    _close(cpu_kernels.gemm_panel(x, panels, None).reshape(6, 128), x.reshape(6, 64), w, None)
+    assert_bf16_linear_close(cpu_kernels.gemm_panel(x, panels, None).reshape(6, 128), x.reshape(6, 64), w, None)
     wide = torch.randn(5, 128, generator=g).bfloat16()[:, ::2]  # rows with a stride
-    _close(cpu_kernels.gemm_panel(wide, panels, None), wide, w, None)
+    assert_bf16_linear_close(cpu_kernels.gemm_panel(wide, panels, None), wide, w, None)
     assert cpu_kernels.gemm_panel(torch.empty(0, 64).bfloat16(), panels, None).shape == (0, 128)
     with pytest.raises(ValueError, match="bf16 CPU input"):
         cpu_kernels.gemm_panel(torch.randn(2, 64), panels, None)  # float32
@@ -74,6 +66,6 @@ def test_bf16_linears_of_fitting_shape_run_the_panel_gemm_at_every_batch_size(tm
             x = torch.randn(rows, layer.in_features).bfloat16()
             y = layer(x)
             if w is not None:
-                _close(y, x, w, layer.bias)
+                assert_bf16_linear_close(y, x, w, layer.bias)
     float_model, _ = load_model(folder, torch.float32, torch.device("cpu"), 128)
     assert all(getattr(m, "panel_weight", None) is None for m in float_model.modules() if isinstance(m, LinearBase))

@@ -6,24 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tgserve.layers import cpu_kernels
 from tgserve.layers.linear import LinearBase
 from tgserve.quant import base
 from tgserve.weights.loader import load_model
 
-from conftest import build_tiny_llama
+from conftest import assert_bf16_linear_close, build_tiny_llama
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.linear_small_rows(),
                                   reason="no AVX-512 BF16 on this CPU (or no C compiler): the kernel is not built")
-
-
-def _close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> None:
-    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
-    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
-    # float32 sums of exact bf16 products, rounded once to bf16: within bf16's rounding of the result
-    torch.testing.assert_close(y.float(), ref, rtol=2 ** -8, atol=1e-3 * ref.abs().max().item())
 
 
 @needs_kernel
@@ -34,8 +26,8 @@ def test_kernel_equals_the_float_computation(k, n, rows):
     x = torch.randn(rows, k, generator=g).bfloat16()
     w = torch.randn(n, k, generator=g).bfloat16()
     b = torch.randn(n, generator=g).bfloat16()
-    _close(cpu_kernels.linear_small(x, w, b), x, w, b)
-    _close(cpu_kernels.linear_small(x, w, None), x, w, None)
+    assert_bf16_linear_close(cpu_kernels.linear_small(x, w, b), x, w, b)
+    assert_bf16_linear_close(cpu_kernels.linear_small(x, w, None), x, w, None)
 
 
 @needs_kernel
@@ -57,7 +49,7 @@ def test_a_small_bf16_model_keeps_plain_weights_and_uses_them_for_few_rows(tmp_p
     layer = linears[0]
     for rows in (1, 4, 9):  # the kernel, then the panel GEMM or oneDNN's
         x = torch.randn(rows, layer.in_features).bfloat16()
-        _close(layer(x), x, layer.small_weight, None)
+        assert_bf16_linear_close(layer(x), x, layer.small_weight, None)
 
 
 @needs_kernel
