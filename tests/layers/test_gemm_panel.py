@@ -44,6 +44,8 @@ def test_leading_dimensions_and_strided_input_are_taken_and_bad_input_is_refused
         cpu_kernels.gemm_panel(torch.randn(2, 64), panels, None)  # float32
     with pytest.raises(ValueError, match="bf16 CPU input"):
         cpu_kernels.gemm_panel(torch.randn(2, 32).bfloat16(), panels, None)  # wrong width
+    with pytest.raises(ValueError, match="a bias of 64 values"):
+        cpu_kernels.gemm_panel(x, panels, torch.zeros(64).bfloat16())  # the kernel would read past it
 
 
 def test_shapes_and_dtypes_the_kernel_cannot_take_are_not_packed():

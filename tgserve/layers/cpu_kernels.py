@@ -156,6 +156,8 @@ def gemm_panel(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None)
     if x.dtype != torch.bfloat16 or not x.is_cpu or x.shape[-1] != in_features:
         raise ValueError(f"a panel-packed bf16 linear takes bf16 CPU input [..., {in_features}], "
                          f"not {x.dtype} {tuple(x.shape)} on {x.device}")
+    if bias is not None and bias.numel() != out_features:
+        raise ValueError(f"a bias of {bias.numel()} values for a linear with {out_features} outputs")
     rows = x.numel() // in_features
     x2 = x.reshape(rows, in_features).contiguous()
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
@@ -167,8 +169,7 @@ def gemm_panel(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None)
 
 
 def _elementwise(name: str, *tensors: torch.Tensor):
-    """The kernel `name` for these CPU tensors' dtype (all the same), or None. (Called per layer
-    and step: kept to attribute reads, a few microseconds in all.)"""
+    """The kernel `name` for these CPU tensors' dtype (all the same), or None."""
     dtype = tensors[0].dtype
     if dtype not in _ELEMENTWISE[name]:
         return None
