@@ -100,6 +100,19 @@ def test_bf16_silu_and_mul_within_a_rounding_of_pytorch(rows, width):
     assert torch.equal(SiluAndMul()(x), native)
 
 
+def test_bf16_silu_at_its_edges_is_pytorchs():
+    """Zeros keep their sign, +-inf and NaN go where F.silu puts them, huge gates give 0 or the gate,
+    and a tiny result (-88.5 -> -3e-37) is not flushed to zero; odd widths take the masked tail."""
+    gate = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 100.0, -100.0, 88.5, -88.5,
+                         -20.0, 20.0, 1e-30, -1e-30, 3.0, -3.0, 0.5, -0.5]).bfloat16()
+    up = torch.ones_like(gate)
+    native = native_or_skip(cpu_kernels.silu_mul(torch.cat([gate, up]).reshape(1, -1)))[0]
+    expected = F.silu(gate) * up
+    assert torch.equal(native.isnan(), expected.isnan())
+    keep = ~expected.isnan()
+    assert torch.equal(native[keep].view(torch.int16), expected[keep].view(torch.int16))  # bit for bit, -0 too
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 128), (2, 1, 16)])
 def test_rotary_over_fused_qkv_views_is_bit_exact(dtype, heads, kv_heads, head_dim):

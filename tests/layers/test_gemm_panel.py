@@ -71,3 +71,37 @@ def test_bf16_linears_of_fitting_shape_run_the_panel_gemm_at_every_batch_size(tm
                 assert_bf16_linear_close(y, x, w, layer.bias)
     float_model, _ = load_model(folder, torch.float32, torch.device("cpu"), 128)
     assert all(getattr(m, "panel_weight", None) is None for m in float_model.modules() if isinstance(m, LinearBase))
+
+
+@needs_kernel
+@pytest.mark.parametrize("k, width", [(576, 1536), (64, 128), (66, 64)])
+@pytest.mark.parametrize("rows", [1, 4, 5, 7, 64, 131])
+def test_gate_up_with_its_silu_gives_the_bits_of_the_gemm_then_the_silu(k, width, rows):
+    g = torch.Generator().manual_seed(k + width + rows)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = (torch.randn(2 * width, k, generator=g) * 0.2).bfloat16()
+    panels = cpu_kernels.panel_pack(w)
+    fused = cpu_kernels.gemm_panel_silu(x, panels)
+    assert fused.shape == (rows, width)
+    assert torch.equal(fused, cpu_kernels.silu_mul(cpu_kernels.gemm_panel(x, panels, None)))
+
+
+@needs_kernel
+def test_gate_up_silu_needs_whole_panels_per_half():
+    panels = cpu_kernels.panel_pack(torch.randn(192, 64).bfloat16())  # 3 panels: 96 gate, 96 up
+    assert cpu_kernels.gemm_panel_silu(torch.randn(5, 64).bfloat16(), panels) is None
+
+
+@needs_kernel
+def test_a_llama_mlp_takes_the_fused_path_past_the_small_kernel_rows(tmp_path):
+    folder = build_tiny_llama(str(tmp_path / "m"), intermediate_size=128)
+    model, _ = load_model(folder, torch.bfloat16, torch.device("cpu"), 128)
+    mlp = model.model.layers[0].mlp
+    for rows in (1, 4, 5, 40):
+        x = torch.randn(rows, mlp.gate_up_proj.in_features).bfloat16()
+        fused = mlp.gate_up_proj.forward_silu_mul(x)
+        assert (fused is None) == (rows <= cpu_kernels.linear_small_rows() and mlp.gate_up_proj.small_weight is not None)
+        unfused = mlp.act(mlp.gate_up_proj(x))
+        if fused is not None:
+            assert torch.equal(fused, unfused)
+        assert torch.equal(mlp(x), mlp.down_proj(unfused))

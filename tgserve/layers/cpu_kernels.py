@@ -30,6 +30,8 @@ _SOURCES = [os.path.join(os.path.dirname(__file__), "kernels", name) for name in
                                                                                   "greedy.c", "elementwise.c",
                                                                                   "decode_stack.c",
                                                                                   "gemm_panel.c")]
+# included by the sources above (part of the build's cache key, not compiled on their own)
+_HEADERS = [os.path.join(os.path.dirname(__file__), "kernels", "avx512_bf16.h")]
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # the dtypes each element-wise kernel takes: only where it gives PyTorch's own bits (elementwise.c)
@@ -52,7 +54,7 @@ def _library() -> ctypes.CDLL | None:
         log.warning("no C compiler found: paged decode attention uses the slower PyTorch path")
         return None
     source = b""
-    for path in _SOURCES:
+    for path in _SOURCES + _HEADERS:
         with open(path, "rb") as f:
             source += f.read()
     key = hashlib.sha256(source + " ".join(_FLAGS).encode() + platform.machine().encode()
@@ -81,6 +83,8 @@ def _library() -> ctypes.CDLL | None:
     lib.gemm_panel_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     lib.gemm_panel_bf16.restype = None
     lib.gemm_panel_available.restype = ctypes.c_int
+    lib.gemm_panel_silu_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+    lib.gemm_panel_silu_bf16.restype = None
     lib.greedy_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
     lib.greedy_f32.restype = None
     i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -165,6 +169,27 @@ def gemm_panel(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None)
         bias = bias.to(torch.bfloat16).contiguous() if bias is not None else None
         _library().gemm_panel_bf16(x2.data_ptr(), panels.data_ptr(), bias.data_ptr() if bias is not None else None,
                                    y.data_ptr(), rows, out_features, in_features)
+    return y
+
+
+def gemm_panel_silu(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up of a fused [gate | up] linear (no bias) held as panels, in one native call
+    (each core applies the SiLU to the tiles it computed): the bits of `gemm_panel` then
+    `silu_mul`. None where the halves are not whole panels."""
+    num_panels, pairs, _, _ = panels.shape
+    out_features, in_features = num_panels * PANEL, pairs * 2
+    if num_panels % 2:
+        return None
+    if x.dtype != torch.bfloat16 or not x.is_cpu or x.shape[-1] != in_features:
+        raise ValueError(f"a panel-packed bf16 linear takes bf16 CPU input [..., {in_features}], "
+                         f"not {x.dtype} {tuple(x.shape)} on {x.device}")
+    rows = x.numel() // in_features
+    x2 = x.reshape(rows, in_features).contiguous()
+    y = torch.empty(*x.shape[:-1], out_features // 2, dtype=torch.bfloat16)
+    if rows:
+        scratch = torch.empty(rows, out_features, dtype=torch.bfloat16)
+        _library().gemm_panel_silu_bf16(x2.data_ptr(), panels.data_ptr(), scratch.data_ptr(), y.data_ptr(), rows,
+                                        out_features, in_features)
     return y
 
 

@@ -78,6 +78,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.out_sizes = out_sizes
         super().__init__(in_features, sum(out_sizes), bias, dtype, quant)
 
+    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of this [gate | up] layer's output, computed with the matmul where the
+        quantization method has a kernel for it (the projection is never stored); None: apply the
+        layer, then the activation."""
+        return self.quant.apply_silu_mul(self, x) if self.bias is None else None
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if shard_id is None:  # the checkpoint already fuses the parts (Phi-3's gate_up_proj)
             for part, piece in enumerate(loaded.split(self.out_sizes, dim=0)):

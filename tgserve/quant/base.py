@@ -35,6 +35,11 @@ class QuantMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of a fused [gate | up] layer (no bias), computed with its matmul where
+        the method has a kernel for that; None: the caller applies the layer, then the activation."""
+        return None
+
 
 class Unquantized(QuantMethod):
     """Plain weights in the model dtype. On CPU the weight is repacked once: bf16 weights on a CPU
@@ -89,6 +94,16 @@ class Unquantized(QuantMethod):
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return F.linear(x, layer.weight, bias)
+
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        # where `apply` would run the panel GEMM, the GEMM that fuses the SiLU (gemm_panel.c)
+        panels = getattr(layer, "panel_weight", None)
+        if panels is None:
+            return None
+        if getattr(layer, "small_weight", None) is not None and x.dim() == 2 \
+                and 0 < x.shape[0] <= cpu_kernels.linear_small_rows():
+            return None  # the small-batch kernel's rows
+        return cpu_kernels.gemm_panel_silu(x, panels)
 
 
 # the plain weights of a model's linears are kept beside the packed ones when they take at most

@@ -25,6 +25,8 @@ void rotary_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t
 void silu_mul_bf16(const uint16_t* x, uint16_t* out, int64_t rows, int64_t width);
 void gemm_panel_bf16(const uint16_t* x, const uint16_t* panels, const uint16_t* bias, uint16_t* y, int m, int n,
                      int k);
+void gemm_panel_silu_bf16(const uint16_t* x, const uint16_t* panels, uint16_t* scratch, uint16_t* y, int m, int n,
+                          int k);
 void paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
                        const int64_t* block_tables, const int64_t* seq_lens, uint16_t* out, int num_seqs,
                        int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale);
@@ -91,8 +93,12 @@ int llama_decode_stack_bf16(const int64_t* pointers, int layers, uint16_t* x, in
         add_into(x, y, (int64_t)m * hidden);
 
         rms_norm_bf16(x, post_norm, h, m, hidden, eps);
-        linear(h, w_gate_up, pn_gate_up, gate_up, m, 2 * intermediate, hidden);
-        silu_mul_bf16(gate_up, act, m, intermediate);
+        if (m <= SMALL_ROWS || intermediate % 64) {
+            linear(h, w_gate_up, pn_gate_up, gate_up, m, 2 * intermediate, hidden);
+            silu_mul_bf16(gate_up, act, m, intermediate);
+        } else {  /* the projection and its SiLU in one call (what the layer runs at these rows) */
+            gemm_panel_silu_bf16(h, pn_gate_up, gate_up, act, m, 2 * intermediate, hidden);
+        }
         linear(act, w_down, pn_down, y, m, hidden, intermediate);
         add_into(x, y, (int64_t)m * hidden);
     }

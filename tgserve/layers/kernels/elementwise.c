@@ -3,7 +3,7 @@
  * what they cost at decode batch sizes. Each rounds where the PyTorch formula it replaces rounds
  * (a bf16 result for every bf16 op, statistics in float32): in bfloat16 the RMSNorm and the rotary
  * embedding give PyTorch's bits, the SiLU differs where its float32 value sits on a bf16 rounding
- * boundary (~1 in 20,000: glibc's expf and PyTorch's differ in the last bit). In float32 only the
+ * boundary (now and then: this exp and PyTorch's differ in the last bit). In float32 only the
  * rotary embedding is here (element-wise products and sums, no FMA contraction: PyTorch's bits);
  * a float32 RMSNorm or SiLU would differ in the last bit (sum order, exp), and float32 is the
  * dtype whose greedy output must equal transformers'. Rows in parallel.
@@ -111,20 +111,11 @@ DEFINE_ROTARY(rotary_f32, float, F32_IN, F32_ROUND, F32_OUT)
 DEFINE_ROTARY(rotary_bf16_generic, uint16_t, BF16_IN, BF16_ROUND, BF16_OUT)
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
+#include "avx512_bf16.h"
 /* The same bf16 rotary, 16 lanes at a time, for head_dim a multiple of 32: each product and the
  * sum rounded to bf16 with vcvtneps2bf16 (round to nearest even, as the scalar formula), so the
  * same bits for finite inputs. The generic loop above did not vectorise (its rounding is integer
  * work on float bits): 64 rows x 12 heads of SmolLM2 took ~70 us per layer. */
-static inline __m512 bf16x16_in(const uint16_t* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-static inline __m512 round_bf16(__m512 x) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(x)), 16));
-}
-static inline __m512 negate(__m512 x) {  /* -x, zeros included (0 - x would give +0 for +0) */
-    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u)));
-}
 static void rotary_bf16_one_avx512(const uint16_t* x, int64_t x_stride, uint16_t* out, const int64_t* positions,
                                    const uint16_t* cos, const uint16_t* sin, int64_t tokens, int heads, int head_dim) {
     const int half = head_dim / 2;
@@ -163,7 +154,30 @@ void rotary_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t
     rotary_bf16_generic(q, q_stride, k, k_stride, q_out, k_out, positions, cos, sin, tokens, heads, kv_heads,
                         head_dim);
 }
-DEFINE_SILU_MUL(silu_mul_bf16, uint16_t, BF16_IN, BF16_ROUND, BF16_OUT)
+DEFINE_SILU_MUL(silu_mul_bf16_generic, uint16_t, BF16_IN, BF16_ROUND, BF16_OUT)
+
+/* On AVX-512 BF16 builds every width runs the vector form (avx512_bf16.h's exp, masked at a row's
+ * end): the GEMM that fuses this pass (gemm_panel_silu_bf16) computes the same bits with it. */
+void silu_mul_bf16(const uint16_t* x, uint16_t* out, int64_t rows, int64_t width) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t* gate = x + r * 2 * width;
+        const uint16_t* up = gate + width;
+        uint16_t* o = out + r * width;
+        for (int64_t i = 0; i < width; i += 16) {
+            const __mmask16 keep = width - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (width - i)) - 1);
+            const __m512 g = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, gate + i)), 16));
+            const __m512 u = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, up + i)), 16));
+            _mm256_mask_storeu_epi16(o + i, keep, (__m256i)_mm512_cvtneps_pbh(silu_mul_ps(g, u)));
+        }
+    }
+#else
+    silu_mul_bf16_generic(x, out, rows, width);
+#endif
+}
 
 /* This step's keys and values into their cache slots (any dtype: rows of row_bytes; the source
  * rows may be strided views). -1 where a slot is out of range (nothing is written then). */
