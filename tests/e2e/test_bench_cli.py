@@ -44,6 +44,20 @@ def test_a_sweep_against_a_running_server(tiny_llama_dir, server_factory, tmp_pa
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_rounds_run_each_level_again_and_report_the_median_round(tiny_llama_dir, server_factory, tmp_path):
+    server = server_factory(tiny_llama_dir, *TINY_SERVER_ARGS)
+    out = str(tmp_path / "results")
+    run = bench("--model-id", tiny_llama_dir, "--url", server.url, "--concurrency", "2", "--requests", "4",
+                "--max-new-tokens", "4", "--rounds", "3", "--no-baseline", "--output-dir", out, cwd=str(tmp_path))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert all(f"tgserve, 2 clients, round {i}: 4/4 requests" in run.stdout for i in (1, 2, 3))
+    figures, _ = outputs(out)
+    [row] = figures["rows"]
+    assert len(row["rounds"]) == 3 and row["output_tok_s"] == sorted(row["rounds"])[1]
+    refused = bench("--url", server.url, "--rounds", "0", cwd=str(tmp_path))
+    assert refused.returncode == 2 and "--rounds: must be at least 1" in refused.stderr
+
+
 def test_a_sweep_that_starts_its_server_and_measures_the_baselines(tiny_llama_dir, tmp_path):
     out = str(tmp_path / "results")
     run = bench("--model-id", tiny_llama_dir, "--dtype", "float32", "--port", str(free_port()),
@@ -105,12 +119,14 @@ def logged(path: str) -> list[dict]:
 def test_a_sweep_beside_llama_cpp(smollm2_server, tmp_path):
     """--peer llama.cpp: the model's GGUF converted to the run's dtype by llama-quantize, llama-server
     started with a slot per client of the largest level, the same requests (greedy, EOS ignored,
-    fixed length) streamed from its /completion, and the same-run comparison printed and saved."""
+    fixed length) streamed from its /completion, each level run on both servers in turn (twice here,
+    the order reversed), and the same-run comparison printed and saved."""
     env, log = fake_llama_cpp(tmp_path)
     out = str(tmp_path / "results")
     run = subprocess.run([sys.executable, "-m", "tgserve", "bench", "--url", smollm2_server.url, "--peer", "llama.cpp",
                           "--peer-port", str(free_port()), "--dtype", "bfloat16", "--concurrency", "1,3",
-                          "--requests", "6", "--max-new-tokens", "5", "--no-baseline", "--output-dir", out],
+                          "--requests", "6", "--max-new-tokens", "5", "--no-baseline", "--rounds", "2",
+                          "--output-dir", out],
                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path), env=env)
     assert run.returncode == 0, run.stdout + run.stderr
     entries = logged(log)
@@ -121,7 +137,12 @@ def test_a_sweep_beside_llama_cpp(smollm2_server, tmp_path):
     assert server_argv[server_argv.index("--parallel") + 1] == "3"
     assert server_argv[server_argv.index("-m") + 1].endswith("SmolLM2-135M-Instruct.BF16.gguf")
     bodies = [e["request"] for e in entries if "request" in e]
-    assert len(bodies) == 2 + 8 + 6  # warm-up, 1 client (8 requests), 3 clients
+    assert len(bodies) == 2 + 2 * (8 + 6)  # warm-up, then two rounds of 1 client (8 requests) and 3 clients
+    # level by level, the two servers side by side, the order reversed in the second round
+    order = [run.stdout.index(f"{name}, {c} clients, round {r}: {n}/{n}")
+             for c, n in ((1, 8), (3, 6)) for name, r in (("tgserve", 1), ("llama.cpp", 1), ("llama.cpp", 2),
+                                                           ("tgserve", 2))]
+    assert order == sorted(order)
     assert all(b["stream"] and b["ignore_eos"] and b["temperature"] == 0.0 for b in bodies)
     assert {b["n_predict"] for b in bodies[2:]} == {5}
     figures, png = outputs(out)

@@ -6,6 +6,7 @@ baseline measured in the same run.
     tgserve bench --concurrency 1,32 --max-new-tokens 64 --no-baseline
     tgserve bench --scenario seed                   # the seed's own load test (its k6 scenario) instead
     tgserve bench --peer llama.cpp                  # llama.cpp's llama-server too, same load, same run
+    tgserve bench --peer llama.cpp --rounds 3       # each level three times per server, the median reported
 
 Fixed prompts (chat-wrapped "write at length" requests) and a fixed output length (EOS ignored), so
 every level does the same work per request. Shows progress while it runs, then prints a table
@@ -13,14 +14,17 @@ every level does the same work per request. Shows progress while it runs, then p
 step time went (its /metrics profile), and writes the figures as JSON and a PNG plot (tok/s and ITL
 p50 against concurrency) into --output-dir. With --peer llama.cpp, llama.cpp's llama-server (built once
 from the llama-cpp-python source package, tgserve/benchmark/peer.py) serves the same weights in the
-same dtype with a slot per client of the largest level, and runs the same levels (or the seed's
-scenario) after tgserve; the table gives tgserve's ratio to it at each level.
+same dtype with a slot per client of the largest level, beside tgserve for the whole sweep: each
+level runs on tgserve, then on llama-server, so both see the machine at the same speed (the seed's
+scenario runs after tgserve's); the table gives tgserve's ratio to it at each level. --rounds N
+repeats every level N times per server, alternating which goes first, and reports the median round.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -210,22 +214,46 @@ def seed_scenario(args, model_dir: str, dtype: str) -> int:
     return 1 if any(r["failures"] for r in results.values()) else 0
 
 
-def sweep_levels(url: str, prompts: list[str], levels: list[int], args, protocol: str = "tgi",
-                 server: str = "tgserve") -> tuple[list[dict], dict]:
-    """Each level in turn (after a warm-up): its summary row, and the engine's step profile per level
-    (tgserve only: its /metrics)."""
-    rows, profiles = [], {}
-    asyncio.run(run_load(url, prompts, 1, 2, 8, protocol=protocol))  # warm-up: first-use costs are not a level's
+def sweep_levels(servers: list[tuple[str, str, str]], prompts: list[str], levels: list[int], args
+                 ) -> tuple[dict[str, list[dict]], dict]:
+    """Every server (name, url, protocol) at each level in turn, after a warm-up each: level by level,
+    the servers one after the other, so that a drift in the machine's speed (this one's moves ±15%
+    within minutes) lands on all of them alike; with --rounds N each level runs N times per server,
+    the order reversed every other round (A B, B A, ...), and the round with the median throughput
+    is reported (the lower middle one for an even count; every round's tok/s is kept under
+    "rounds"). Returns each server's summary rows and tgserve's step profile per level (its /metrics)."""
+    for name, url, protocol in servers:  # first-use costs are not a level's
+        asyncio.run(run_load(url, prompts, 1, 2, 8, protocol=protocol))
+    rows: dict[str, list[dict]] = {name: [] for name, _, _ in servers}
+    profiles = {}
     for c in levels:
         n = 8 if c == 1 else max(args.requests, c)
-        before = engine_profile(url) if protocol == "tgi" else {}
-        result = asyncio.run(run_load(url, prompts, c, n, args.max_new_tokens, protocol=protocol,
-                                      on_result=Progress(f"{server}, {c} clients", n)))
-        summary = {"server": server, **result.summary()}
-        if protocol == "tgi":
-            summary["step_profile"] = profiles[f"{c} clients"] = profile_row(before, engine_profile(url))
-        rows.append(summary)
+        runs: dict[str, list[dict]] = {name: [] for name, _, _ in servers}
+        for round_ in range(args.rounds):
+            for name, url, protocol in (servers if round_ % 2 == 0 else servers[::-1]):
+                before = engine_profile(url) if protocol == "tgi" else {}
+                label = f"{name}, {c} clients" + (f", round {round_ + 1}" if args.rounds > 1 else "")
+                result = asyncio.run(run_load(url, prompts, c, n, args.max_new_tokens, protocol=protocol,
+                                              on_result=Progress(label, n)))
+                summary = {"server": name, **result.summary()}
+                if protocol == "tgi":
+                    summary["step_profile"] = profile_row(before, engine_profile(url))
+                runs[name].append(summary)
+        for name, done in runs.items():
+            chosen = sorted(done, key=lambda r: r["output_tok_s"])[(len(done) - 1) // 2]
+            if len(done) > 1:
+                chosen = {**chosen, "rounds": [r["output_tok_s"] for r in done]}
+            rows[name].append(chosen)
+            if "step_profile" in chosen:
+                profiles[f"{c} clients"] = chosen["step_profile"]
     return rows, profiles
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -237,6 +265,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,16,32,64", help="client counts, comma-separated")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--requests", type=int, default=64, help="requests per level (at least the level; 1 client runs 8)")
+    p.add_argument("--rounds", type=positive, default=1,
+                   help="run each level this many times per server (the order of the servers reversed every "
+                        "other round) and report the round with the median throughput")
     p.add_argument("--no-baseline", action="store_true", help="skip transformers' generate baselines")
     p.add_argument("--hf-sequential", type=int, default=4, help="requests for the one-at-a-time baseline")
     p.add_argument("--hf-batch", type=int, default=32, help="size of the static-batch baseline")
@@ -276,20 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     peer = Peer(args.model_id, dtype, args.peer_port, max(levels)) if args.peer else None  # built before timing
     base = [] if args.no_baseline else baselines(model_dir, dtype, prompts, args.max_new_tokens,
                                                   args.hf_sequential, args.hf_batch)
-    server = None
-    if args.url is None:
-        print(f"starting tgserve serve on port {args.port}...", flush=True)
-        server = start_server(model_dir, dtype, args.port, args.server_args.split(), args.output_dir)
-    url = (args.url or f"http://127.0.0.1:{args.port}").rstrip("/")
-    try:
-        rows, profiles = sweep_levels(url, prompts, levels, args)
-    finally:
-        if server is not None:
-            stop(server)
-    peer_rows = []
-    if peer is not None:
-        with peer as peer_url:
-            peer_rows, _ = sweep_levels(peer_url, prompts, levels, args, protocol="llama.cpp", server=args.peer)
+    with contextlib.ExitStack() as running:  # both servers up for the whole sweep, stopped after it
+        if args.url is None:
+            print(f"starting tgserve serve on port {args.port}...", flush=True)
+            running.callback(stop, start_server(model_dir, dtype, args.port, args.server_args.split(),
+                                                args.output_dir))
+        servers = [("tgserve", (args.url or f"http://127.0.0.1:{args.port}").rstrip("/"), "tgi")]
+        if peer is not None:
+            servers.append((args.peer, running.enter_context(peer), "llama.cpp"))
+        by_server, profiles = sweep_levels(servers, prompts, levels, args)
+    rows, peer_rows = by_server["tgserve"], by_server.get(args.peer, [])
 
     print("\n" + table(rows + peer_rows, base))
     if peer_rows:
