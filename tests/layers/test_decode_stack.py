@@ -1,8 +1,9 @@
 """The native decode stack (layers/decode_stack.py, kernels/decode_stack.c) gives the bits of the
 layer-by-layer path: a bf16 Llama decoding a few sequences at once, greedy, token ids and logprobs
 equal with the stack and without it, at head sizes that take the attention kernel's vectorised
-path and its generic one, at up to four rows (the small-batch linears) and past them (the panel
-GEMM); steps it cannot take (prefills, more rows than it takes) fall back."""
+path and its generic one, on the panel GEMM at every row count and on the small-batch kernel for
+a linear without panels (up to four rows); steps it cannot take (prefills, more rows than it
+takes) fall back."""
 
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def test_the_stack_gives_the_layer_by_layer_bits(tmp_path, monkeypatch, shape):
     real = cpu_kernels.decode_stack
     monkeypatch.setattr(cpu_kernels, "decode_stack", lambda *a: calls.append(a[2].shape[0]) or real(*a))
     with_stack = generate(folder, prompts, 12, calls)
-    # decode steps of up to the 7 sequences (prefill steps fell back); past 4 rows on the panel GEMM
+    # decode steps of up to the 7 sequences (prefill steps fell back)
     assert calls and set(calls) <= set(range(1, 8))
     if cpu_kernels.gemm_panel_available():
         assert max(calls) > cpu_kernels.linear_small_rows()
@@ -70,6 +71,12 @@ def test_more_rows_than_the_small_kernel_takes_fall_back_where_a_linear_has_no_p
     rows = cpu_kernels.linear_small_rows() + 1
     out = generate(folder, [[2 + i, 5, 7] for i in range(rows)], 4, calls)
     assert calls == [] and all(len(tokens) == 4 for tokens, _ in out)
+    # up to four rows it runs, that linear on the small-batch kernel, the others on their panels
+    few = [[2 + i, 5, 7, 1 + i] for i in range(rows - 1)]
+    with_stack = generate(folder, few, 6, calls)
+    assert calls and max(calls) == rows - 1
+    monkeypatch.setattr(DecodeStack, "_usable", lambda self: False)
+    assert with_stack == generate(folder, few, 6)
 
 
 def test_a_bf16_server_gives_the_layer_by_layer_tokens_and_logprobs(tmp_path, server_factory, monkeypatch):

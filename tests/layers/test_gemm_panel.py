@@ -61,14 +61,16 @@ def test_bf16_linears_of_fitting_shape_run_the_panel_gemm_at_every_batch_size(tm
     linears = [m for m in model.modules() if isinstance(m, LinearBase)]
     paneled = [m for m in linears if m.out_features % 64 == 0 and m.in_features % 2 == 0]
     assert paneled, "the tiny model should have some linear of a shape the kernel takes"
-    for layer in paneled:
+    for layer in paneled:  # the panels are the only copy, and every row count runs on them
         assert layer.panel_weight is not None and layer.packed_weight is None and layer.weight is None
-        w = layer.small_weight if layer.small_weight is not None else None
-        for rows in (1, 5, 40):
+        assert layer.small_weight is None
+        n, half, _, _ = layer.panel_weight.shape
+        w = layer.panel_weight.permute(0, 2, 1, 3).reshape(n * 64, half * 2)  # the weight, unpacked
+        for rows in (1, 2, 4, 5, 40):
             x = torch.randn(rows, layer.in_features).bfloat16()
             y = layer(x)
-            if w is not None:
-                assert_bf16_linear_close(y, x, w, layer.bias)
+            assert_bf16_linear_close(y, x, w, layer.bias)
+            assert torch.equal(y, cpu_kernels.gemm_panel(x, layer.panel_weight, layer.bias))
     float_model, _ = load_model(folder, torch.float32, torch.device("cpu"), 128)
     assert all(getattr(m, "panel_weight", None) is None for m in float_model.modules() if isinstance(m, LinearBase))
 
@@ -93,15 +95,13 @@ def test_gate_up_silu_needs_whole_panels_per_half():
 
 
 @needs_kernel
-def test_a_llama_mlp_takes_the_fused_path_past_the_small_kernel_rows(tmp_path):
+def test_a_llama_mlp_takes_the_fused_path_at_every_row_count(tmp_path):
     folder = build_tiny_llama(str(tmp_path / "m"), intermediate_size=128)
     model, _ = load_model(folder, torch.bfloat16, torch.device("cpu"), 128)
     mlp = model.model.layers[0].mlp
     for rows in (1, 4, 5, 40):
         x = torch.randn(rows, mlp.gate_up_proj.in_features).bfloat16()
         fused = mlp.gate_up_proj.forward_silu_mul(x)
-        assert (fused is None) == (rows <= cpu_kernels.linear_small_rows() and mlp.gate_up_proj.small_weight is not None)
         unfused = mlp.act(mlp.gate_up_proj(x))
-        if fused is not None:
-            assert torch.equal(fused, unfused)
+        assert torch.equal(fused, unfused)
         assert torch.equal(mlp(x), mlp.down_proj(unfused))

@@ -39,15 +39,20 @@ def test_what_the_kernel_does_not_take_is_left_to_the_caller():
 
 
 @needs_kernel
-def test_a_small_bf16_model_keeps_plain_weights_and_uses_them_for_few_rows(tmp_path):
-    folder = build_tiny_llama(str(tmp_path / "m"), tie_word_embeddings=True)
+def test_a_small_bf16_model_keeps_plain_weights_where_a_linear_has_no_panels_and_uses_them_for_few_rows(tmp_path):
+    # gate/up 2 x 100 wide: no 64-column panels; every other linear of the layers has them
+    folder = build_tiny_llama(str(tmp_path / "m"), tie_word_embeddings=True, intermediate_size=100)
     model, _ = load_model(folder, torch.bfloat16, torch.device("cpu"), 128)
     linears = [m for m in model.modules() if isinstance(m, LinearBase)]
-    # one repacked copy each: panels for the native GEMM where its shape allows, else oneDNN's
-    assert all(m.small_weight is not None and (m.packed_weight is None) != (m.panel_weight is None) for m in linears)
+    for m in linears:  # one repacked copy each; the plain one beside it only where there are no panels
+        if m.panel_weight is not None:
+            assert m.small_weight is None and m.packed_weight is None
+        else:
+            assert m.small_weight is not None and m.packed_weight is not None
+    layer = model.model.layers[0].mlp.gate_up_proj
+    assert layer.panel_weight is None
     assert model.lm_head.small_weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied: no copy
-    layer = linears[0]
-    for rows in (1, 4, 9):  # the kernel, then the panel GEMM or oneDNN's
+    for rows in (1, 4, 9):  # the kernel, then oneDNN's
         x = torch.randn(rows, layer.in_features).bfloat16()
         assert_bf16_linear_close(layer(x), x, layer.small_weight, None)
 
@@ -58,6 +63,7 @@ def test_a_model_whose_linears_take_much_memory_keeps_only_the_packed_copy(tmp_p
     folder = build_tiny_llama(str(tmp_path / "m"), tie_word_embeddings=True)
     model, _ = load_model(folder, torch.bfloat16, torch.device("cpu"), 128)
     assert all(m.small_weight is None for m in model.modules() if isinstance(m, LinearBase))
+    assert model.lm_head.panel_weight is None  # the tiny vocabulary (400) is not whole panels
     assert model.lm_head.small_weight is not None  # a tied head costs nothing to keep
 
 

@@ -1,13 +1,14 @@
 """A Llama-family decoder's layers in one native call for decode steps (layers/kernels/decode_stack.c):
 bf16 on CPUs with AVX-512 BF16, the same kernels and rounding as the layer-by-layer path, so the
 same bits, without ~40 Python-level ops per layer — at one to four rows those cost as much as
-streaming the weights. Up to four rows the linears run the small-batch kernel; past that (up to
-MAX_ROWS) the panel GEMM, where every linear has its panels.
+streaming the weights. The linears run the panel GEMM (up to MAX_ROWS rows); a linear without
+panels, the small-batch kernel on its plain weight (up to four rows).
 
 `DecodeStack.run` returns None whenever the step or the model is not one it takes (a prefill in
 the step, more rows than it takes, another dtype or device, quantized
 or sharded linears (any linear whose method is not the plain one), mixture-of-experts MLPs,
-biases, q/k norms, partial rotary, attention options, no plain weights kept);
+biases, q/k norms, partial rotary, attention options, a linear with neither panels nor a plain
+weight kept);
 the model then runs its layers as usual. In the steps it takes, attention is timed as part of the
 forward pass (the step profile's "attention" reads 0 there).
 """
@@ -48,14 +49,15 @@ class DecodeStack:
                     or attention.rotary.rotary_dim != attention.head_dim
                     or any(type(n) is not RMSNorm or n.weight.dtype != torch.bfloat16
                            for n in (layer.input_layernorm, layer.post_attention_layernorm))
-                    or any(type(lin.quant) is not Unquantized or getattr(lin, "small_weight", None) is None
-                           or lin.bias is not None for lin in linears)):
+                    or any(type(lin.quant) is not Unquantized or lin.bias is not None
+                           or (getattr(lin, "panel_weight", None) is None
+                               and getattr(lin, "small_weight", None) is None) for lin in linears)):
                 return False
         first = self.layers[0].self_attn
         return first.rotary.cos.dtype == torch.bfloat16 and first.rotary.cos.device.type == "cpu"
 
     def _max_rows(self) -> int:
-        """Past the small-batch kernel's rows the linears run the panel GEMM: every linear needs panels."""
+        """A linear without panels runs the small-batch kernel: up to its rows only."""
         small = cpu_kernels.linear_small_rows()
         for layer in self.layers:
             linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
@@ -64,19 +66,18 @@ class DecodeStack:
         return MAX_ROWS
 
     def _pointer_table(self) -> torch.Tensor:
-        def panels(linear) -> int:
-            p = getattr(linear, "panel_weight", None)
-            return p.data_ptr() if p is not None else 0
+        def ptr(linear, name: str) -> int:
+            t = getattr(linear, name, None)
+            return t.data_ptr() if t is not None else 0
 
         ptrs = []
         for layer in self.layers:
             attention, mlp = layer.self_attn, layer.mlp
-            ptrs += [layer.input_layernorm.weight.data_ptr(), attention.qkv_proj.small_weight.data_ptr(),
-                     attention.o_proj.small_weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                     mlp.gate_up_proj.small_weight.data_ptr(), mlp.down_proj.small_weight.data_ptr(),
-                     attention.attn.k_cache.data_ptr(), attention.attn.v_cache.data_ptr(),
-                     panels(attention.qkv_proj), panels(attention.o_proj), panels(mlp.gate_up_proj),
-                     panels(mlp.down_proj)]
+            linears = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            qkv, o, gate_up, down = (ptr(lin, "small_weight") for lin in linears)
+            ptrs += [layer.input_layernorm.weight.data_ptr(), qkv, o, layer.post_attention_layernorm.weight.data_ptr(),
+                     gate_up, down, attention.attn.k_cache.data_ptr(), attention.attn.v_cache.data_ptr(),
+                     *(ptr(lin, "panel_weight") for lin in linears)]
         return torch.tensor(ptrs, dtype=torch.int64)
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor | None:

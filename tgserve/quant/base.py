@@ -43,15 +43,18 @@ class QuantMethod:
 
 class Unquantized(QuantMethod):
     """Plain weights in the model dtype. On CPU the weight is repacked once: bf16 weights on a CPU
-    with AVX-512 BF16 into panels for the native GEMM (layers/kernels/gemm_panel.c; ~410 GFLOP/s at
-    64 rows where oneDNN ran 260-385, and 2-3x oneDNN at 5-16 rows), others into oneDNN's blocked
-    layout, which runs the skinny matmuls of decoding 1.3-2x faster than the plain GEMM here.
+    with AVX-512 BF16 into panels for the native GEMM (layers/kernels/gemm_panel.c), which every
+    batch size runs — ~410 GFLOP/s at 64 rows where oneDNN ran 260-385, and at one to four rows
+    it streams the weights faster than the row-major small-batch kernel (SmolLM2's layers: 44 vs
+    41 GB/s at one row, 44 vs 27-29 at two to four); other weights into oneDNN's blocked layout,
+    which runs the skinny matmuls of decoding 1.3-2x faster than the plain GEMM here.
 
-    At one to four rows (a decode step of a few streams) a bf16 layer runs the native kernel
-    instead (layers/kernels/linear_small.c: it streams the plain weight at ~27 GB/s where oneDNN
-    reads ~16.5), when it keeps its plain weight too: always for a weight another module owns
-    anyway (a tied LM head), and for the others when the model's linears take little of the
-    memory (`keep_plain`, set by the loader: see `plain_copies_fit`)."""
+    A bf16 weight without panels (a shape the GEMM does not take: outputs not a multiple of 64,
+    e.g. GPT-2's 50257-word LM head) runs one to four rows on the small-batch kernel
+    (layers/kernels/linear_small.c: ~27 GB/s where oneDNN reads ~16.5) when it keeps its plain
+    weight too: always for a weight another module owns anyway (a tied LM head), and for the
+    others when the model's linears take little of the memory (`keep_plain`, set by the loader:
+    see `plain_copies_fit`)."""
 
     keep_plain = False  # keep the plain weight beside the packed one (the loader's memory policy)
     shared = False  # the weight belongs to another module too (a tied LM head): keeping it costs nothing
@@ -67,13 +70,13 @@ class Unquantized(QuantMethod):
 
     def after_load(self, layer: nn.Module) -> None:
         # bf16 on a CPU with AVX-512 BF16: panels for the native GEMM (layers/kernels/gemm_panel.c,
-        # faster than oneDNN at every batch past a few rows); otherwise oneDNN's packed copy
+        # the fastest here at every batch size); otherwise oneDNN's packed copy
         layer.panel_weight = cpu_kernels.panel_pack(layer.weight)
         layer.packed_weight = _onednn_pack(layer.weight) if layer.panel_weight is None else None
         layer.small_weight = None
         if layer.packed_weight is not None or layer.panel_weight is not None:
-            if (self.keep_plain or self.shared) and layer.weight.dtype == torch.bfloat16 \
-                    and cpu_kernels.linear_small_rows():
+            if layer.panel_weight is None and (self.keep_plain or self.shared) \
+                    and layer.weight.dtype == torch.bfloat16 and cpu_kernels.linear_small_rows():
                 layer.small_weight = layer.weight.detach()
             # the packed copy is what the larger matmuls read: keeping the plain one as well
             # doubles the weights' memory unless it is kept above (a tied LM head's tensor lives
@@ -82,28 +85,23 @@ class Unquantized(QuantMethod):
             layer.weight = None
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        panels = getattr(layer, "panel_weight", None)
+        if panels is not None:
+            return cpu_kernels.gemm_panel(x, panels, bias)
         small = getattr(layer, "small_weight", None)
         if small is not None and x.dim() == 2:
             y = cpu_kernels.linear_small(x, small, bias)
             if y is not None:
                 return y
-        panels = getattr(layer, "panel_weight", None)
-        if panels is not None:
-            return cpu_kernels.gemm_panel(x, panels, bias)
         packed = getattr(layer, "packed_weight", None)
         if packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return F.linear(x, layer.weight, bias)
 
     def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        # where `apply` would run the panel GEMM, the GEMM that fuses the SiLU (gemm_panel.c)
+        # where `apply` runs the panel GEMM, the GEMM that fuses the SiLU (gemm_panel.c)
         panels = getattr(layer, "panel_weight", None)
-        if panels is None:
-            return None
-        if getattr(layer, "small_weight", None) is not None and x.dim() == 2 \
-                and 0 < x.shape[0] <= cpu_kernels.linear_small_rows():
-            return None  # the small-batch kernel's rows
-        return cpu_kernels.gemm_panel_silu(x, panels)
+        return cpu_kernels.gemm_panel_silu(x, panels) if panels is not None else None
 
 
 # the plain weights of a model's linears are kept beside the packed ones when they take at most

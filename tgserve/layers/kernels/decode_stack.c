@@ -8,10 +8,11 @@
  *   x = x + attention(q) W_o; h = rms_norm(x); x = x + (silu(h W_gate) * (h W_up)) W_down
  *
  * Each layer's pointers (12 of them: input norm, qkv, o, post-attention norm, gate_up and down
- * weights — plain row-major — then its key and value caches, then the qkv, o, gate_up and down
- * weights packed in 64-column panels, or 0) come in one int64 array. Up to four rows the linears
- * run the small-batch kernel on the plain weights, past that the panel GEMM (the same kernels the
- * layers choose at those row counts). x is updated in place; the final norm stays with the model.
+ * weights — plain row-major, or 0 — then its key and value caches, then the qkv, o, gate_up and down
+ * weights packed in 64-column panels, or 0) come in one int64 array. A linear with panels runs the
+ * panel GEMM (the gate/up projection with its SiLU fused), one without them the small-batch kernel
+ * on its plain weight, up to four rows (what the layers choose). x is updated in place; the final
+ * norm stays with the model.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -40,10 +41,11 @@ static inline uint16_t bf_out(float f) {
 
 #define SMALL_ROWS 4  /* linear_small.c's MAX_ROWS */
 
-/* y = x W^T as the layer would compute it at m rows */
+/* y = x W^T as the layer computes it: on its panels if it has them, else (at most SMALL_ROWS rows)
+ * on its plain weight */
 static void linear(const uint16_t* x, const uint16_t* plain, const uint16_t* panels, uint16_t* y, int m, int n, int k) {
-    if (m <= SMALL_ROWS) linear_small_bf16(x, plain, NULL, y, m, n, k);
-    else gemm_panel_bf16(x, panels, NULL, y, m, n, k);
+    if (panels) gemm_panel_bf16(x, panels, NULL, y, m, n, k);
+    else linear_small_bf16(x, plain, NULL, y, m, n, k);
 }
 
 static void add_into(uint16_t* x, const uint16_t* y, int64_t n) {  /* x = x + y, as a bf16 add rounds */
@@ -93,7 +95,7 @@ int llama_decode_stack_bf16(const int64_t* pointers, int layers, uint16_t* x, in
         add_into(x, y, (int64_t)m * hidden);
 
         rms_norm_bf16(x, post_norm, h, m, hidden, eps);
-        if (m <= SMALL_ROWS || intermediate % 64) {
+        if (!pn_gate_up || intermediate % 64) {
             linear(h, w_gate_up, pn_gate_up, gate_up, m, 2 * intermediate, hidden);
             silu_mul_bf16(gate_up, act, m, intermediate);
         } else {  /* the projection and its SiLU in one call (what the layer runs at these rows) */
