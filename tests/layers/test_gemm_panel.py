@@ -105,3 +105,29 @@ def test_a_llama_mlp_takes_the_fused_path_at_every_row_count(tmp_path):
         unfused = mlp.act(mlp.gate_up_proj(x))
         assert torch.equal(fused, unfused)
         assert torch.equal(mlp(x), mlp.down_proj(unfused))
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_float32_output_holds_the_bf16_results_values(rows):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=g).bfloat16()
+    panels = cpu_kernels.panel_pack(torch.randn(192, 96, generator=g).bfloat16())
+    b = torch.randn(192, generator=g).bfloat16()
+    f32 = cpu_kernels.gemm_panel(x, panels, b, torch.float32)
+    assert f32.dtype == torch.float32 and torch.equal(f32, cpu_kernels.gemm_panel(x, panels, b).float())
+    with pytest.raises(ValueError, match="bf16 or float32"):
+        cpu_kernels.gemm_panel(x, panels, b, torch.float16)
+
+
+@needs_kernel
+def test_an_lm_head_with_panels_gives_float32_logits_of_the_bf16_values(tmp_path):
+    folder = build_tiny_llama(str(tmp_path / "m"), vocab_size=448, tie_word_embeddings=True)  # 7 panels
+    model, _ = load_model(folder, torch.bfloat16, torch.device("cpu"), 128)
+    head = model.lm_head
+    assert head.panel_weight is not None
+    hidden = torch.randn(3, head.panel_weight.shape[1] * 2).bfloat16()
+    logits = head(hidden)
+    assert logits.dtype == torch.float32 and logits.shape == (3, 448)
+    assert torch.equal(logits, head.quant.apply(head, hidden, None).float())
+    assert_bf16_linear_close(logits.bfloat16(), hidden, model.model.embed_tokens.weight, None)

@@ -80,8 +80,9 @@ def _library() -> ctypes.CDLL | None:
     lib.linear_small_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     lib.linear_small_bf16.restype = None
     lib.linear_small_available.restype = ctypes.c_int
-    lib.gemm_panel_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
-    lib.gemm_panel_bf16.restype = None
+    for name in ("gemm_panel_bf16", "gemm_panel_bf16_f32"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+        getattr(lib, name).restype = None
     lib.gemm_panel_available.restype = ctypes.c_int
     lib.gemm_panel_silu_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     lib.gemm_panel_silu_bf16.restype = None
@@ -153,8 +154,11 @@ def panel_pack(weight: torch.Tensor) -> torch.Tensor | None:
     return w.permute(0, 2, 1, 3).contiguous()
 
 
-def gemm_panel(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] (bf16, CPU) @ the panel-packed weight's [out, in].T (+ bias): [..., out] in bf16."""
+def gemm_panel(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None,
+               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [..., in] (bf16, CPU) @ the panel-packed weight's [out, in].T (+ bias): [..., out] in bf16,
+    or with out_dtype float32 the same bf16 values as float32 (what `.float()` of the bf16 result
+    gives, written directly: an LM head's logits)."""
     num_panels, pairs, _, _ = panels.shape
     out_features, in_features = num_panels * PANEL, pairs * 2
     if x.dtype != torch.bfloat16 or not x.is_cpu or x.shape[-1] != in_features:
@@ -164,11 +168,14 @@ def gemm_panel(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None)
         raise ValueError(f"a bias of {bias.numel()} values for a linear with {out_features} outputs")
     rows = x.numel() // in_features
     x2 = x.reshape(rows, in_features).contiguous()
-    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.bfloat16)
+    if out_dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"the panel GEMM writes bf16 or float32, not {out_dtype}")
+    y = torch.empty(*x.shape[:-1], out_features, dtype=out_dtype)
     if rows:
         bias = bias.to(torch.bfloat16).contiguous() if bias is not None else None
-        _library().gemm_panel_bf16(x2.data_ptr(), panels.data_ptr(), bias.data_ptr() if bias is not None else None,
-                                   y.data_ptr(), rows, out_features, in_features)
+        fn = _library().gemm_panel_bf16 if out_dtype == torch.bfloat16 else _library().gemm_panel_bf16_f32
+        fn(x2.data_ptr(), panels.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), rows,
+           out_features, in_features)
     return y
 
 

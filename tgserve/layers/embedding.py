@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tgserve import distributed as dist
+from tgserve.layers import cpu_kernels
 from tgserve.quant import Unquantized
 
 
@@ -51,7 +52,11 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.quant.shared = True  # its plain weight is the embedding's: kept for the small-batch kernel at no cost
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.quant.apply(self, hidden, None)  # [rows, vocab_local]
+        panels = getattr(self, "panel_weight", None)
+        if panels is not None:  # float32 logits straight from the GEMM: the values .float() would give
+            logits = cpu_kernels.gemm_panel(hidden, panels, None, torch.float32)
+        else:
+            logits = self.quant.apply(self, hidden, None)  # [rows, vocab_local]
         if dist.tp_size() > 1:
             logits = dist.all_gather(logits, dim=-1)
         return logits[:, : self.vocab_size]

@@ -46,8 +46,11 @@ static inline int block_rows(const uint16_t* x, int m, int k, int b, const uint3
     return rows;
 }
 
-void gemm_panel_bf16(const uint16_t* x, const uint16_t* panels, const uint16_t* bias, uint16_t* y, int m, int n,
-                     int k) {
+/* y = x W^T (+ bias) into bf16 y, or (f32) into float32 y holding the same bf16-rounded values:
+ * what .float() of the bf16 result gives, without the pass that converts it (an LM head's logits) */
+static inline __attribute__((always_inline)) void gemm_panel(const uint16_t* x, const uint16_t* panels,
+                                                             const uint16_t* bias, void* y, int m, int n, int k,
+                                                             int f32) {
     const int pairs = k / 2, num_panels = n / 64, blocks = (m + 3) / 4;
     #pragma omp parallel for schedule(static) collapse(2)
     for (int p = 0; p < num_panels; p++) {
@@ -59,12 +62,25 @@ void gemm_panel_bf16(const uint16_t* x, const uint16_t* panels, const uint16_t* 
             for (int c = 0; c < 4; c++) {
                 __m512 add = _mm512_setzero_ps();
                 if (bias) add = bf16x16_in(bias + p * 64 + c * 16);
-                for (int i = 0; i < rows; i++)
-                    _mm256_storeu_si256((__m256i*)(y + (int64_t)(m0 + i) * n + p * 64 + c * 16),
-                                        (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][c], add)));
+                for (int i = 0; i < rows; i++) {
+                    const int64_t at = (int64_t)(m0 + i) * n + p * 64 + c * 16;
+                    if (f32) _mm512_storeu_ps((float*)y + at, round_bf16(_mm512_add_ps(acc[i][c], add)));
+                    else _mm256_storeu_si256((__m256i*)((uint16_t*)y + at),
+                                             (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][c], add)));
+                }
             }
         }
     }
+}
+
+void gemm_panel_bf16(const uint16_t* x, const uint16_t* panels, const uint16_t* bias, uint16_t* y, int m, int n,
+                     int k) {
+    gemm_panel(x, panels, bias, y, m, n, k, 0);
+}
+
+void gemm_panel_bf16_f32(const uint16_t* x, const uint16_t* panels, const uint16_t* bias, float* y, int m, int n,
+                         int k) {
+    gemm_panel(x, panels, bias, y, m, n, k, 1);
 }
 
 /* A fused [gate | up] projection (n = 2 * width outputs, no bias) and silu(gate) * up after it:
@@ -117,4 +133,6 @@ void gemm_panel_bf16(const uint16_t* x, const uint16_t* panels, const uint16_t* 
                      int k) { (void)x; (void)panels; (void)bias; (void)y; (void)m; (void)n; (void)k; }
 void gemm_panel_silu_bf16(const uint16_t* x, const uint16_t* panels, uint16_t* scratch, uint16_t* y, int m, int n,
                           int k) { (void)x; (void)panels; (void)scratch; (void)y; (void)m; (void)n; (void)k; }
+void gemm_panel_bf16_f32(const uint16_t* x, const uint16_t* panels, const uint16_t* bias, float* y, int m, int n,
+                         int k) { (void)x; (void)panels; (void)bias; (void)y; (void)m; (void)n; (void)k; }
 #endif
