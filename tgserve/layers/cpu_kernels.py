@@ -143,13 +143,20 @@ def gemm_panel_available() -> bool:
     return lib is not None and lib.gemm_panel_available() == 1
 
 
+def panels_take(weight: torch.Tensor) -> bool:
+    """Whether `panel_pack` takes this weight: bf16 on the CPU, out a multiple of 64, in even, and
+    an AVX-512 BF16 build."""
+    out_features, in_features = weight.shape
+    return (weight.dtype == torch.bfloat16 and weight.is_cpu and out_features % PANEL == 0 and in_features % 2 == 0
+            and gemm_panel_available())
+
+
 def panel_pack(weight: torch.Tensor) -> torch.Tensor | None:
     """A bf16 CPU weight [out, in] repacked for `gemm_panel` ([out / 64, in / 2, 64, 2]), or None
-    where the kernel cannot take it (no AVX-512 BF16 build, out not a multiple of 64, in odd)."""
-    out_features, in_features = weight.shape
-    if (weight.dtype != torch.bfloat16 or not weight.is_cpu or out_features % PANEL or in_features % 2
-            or not gemm_panel_available()):
+    where the kernel cannot take it (`panels_take`)."""
+    if not panels_take(weight):
         return None
+    out_features, in_features = weight.shape
     w = weight.detach().reshape(out_features // PANEL, PANEL, in_features // 2, 2)
     return w.permute(0, 2, 1, 3).contiguous()
 
