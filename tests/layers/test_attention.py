@@ -69,14 +69,15 @@ def make_seq(request_id: str, num_tokens: int, computed: int, block_ids: list[in
     return seq
 
 
-def run_step(specs, heads, kv_heads, *, seed=0, k_cache=None, v_cache=None, options=None):
+def run_step(specs, heads, kv_heads, *, seed=0, k_cache=None, v_cache=None, options=None, dtype=torch.float32):
     """specs: (context, new, pending) per sequence, in plan order; pending = prompt tokens left after
-    this chunk. Checks every output row and the cache writes; returns (inputs, output, k_cache)."""
+    this chunk. Checks every output row (against float32 attention over the same values, within
+    the dtype's rounding) and the cache writes; returns (inputs, output, k_cache)."""
     options = options or {}
     g = torch.Generator().manual_seed(seed)
     shape = (NUM_BLOCKS, BLOCK, kv_heads, HEAD_DIM)
-    k_cache = torch.zeros(shape) if k_cache is None else k_cache
-    v_cache = torch.zeros(shape) if v_cache is None else v_cache
+    k_cache = torch.zeros(shape, dtype=dtype) if k_cache is None else k_cache
+    v_cache = torch.zeros(shape, dtype=dtype) if v_cache is None else v_cache
     attn = PagedAttention(heads, kv_heads, HEAD_DIM, SCALE, **options)
     attn.bind_cache(k_cache, v_cache)
     free = (torch.randperm(NUM_BLOCKS - 1, generator=g) + 1).tolist()  # never the null block
@@ -86,9 +87,9 @@ def run_step(specs, heads, kv_heads, *, seed=0, k_cache=None, v_cache=None, opti
         total = context + new
         blocks = [free.pop() for _ in range(-(-total // BLOCK))]
         seq = make_seq(f"s{i}", total + pending, context, blocks)
-        k = torch.randn(total, kv_heads, HEAD_DIM, generator=g)
-        v = torch.randn(total, kv_heads, HEAD_DIM, generator=g)
-        q = torch.randn(new, heads, HEAD_DIM, generator=g)
+        k = torch.randn(total, kv_heads, HEAD_DIM, generator=g).to(dtype)
+        v = torch.randn(total, kv_heads, HEAD_DIM, generator=g).to(dtype)
+        q = torch.randn(new, heads, HEAD_DIM, generator=g).to(dtype)
         for p in range(context):  # the sequence's earlier tokens are already cached
             k_cache[blocks[p // BLOCK], p % BLOCK] = k[p]
             v_cache[blocks[p // BLOCK], p % BLOCK] = v[p]
@@ -111,7 +112,10 @@ def run_step(specs, heads, kv_heads, *, seed=0, k_cache=None, v_cache=None, opti
     for i in order:
         seq, context, q, k, v = data[i]
         n = q.shape[0]
-        torch.testing.assert_close(out[row:row + n], reference(q, k, v, context, **options), rtol=1e-5, atol=1e-5,
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out[row:row + n].float(), reference(q.float(), k.float(), v.float(), context,
+                                                                       **options),
+                                   rtol=tolerance, atol=tolerance,
                                    msg=lambda m: f"sequence {i} (context {context}, new {n}): {m}")
         row += n
         for p in range(context + n):  # every token's K/V sits in its own slot afterwards
@@ -153,6 +157,38 @@ def test_mixed_step_of_decodes_and_prefills_matches_causal_attention(heads, kv_h
     # decodes at rows 0..2 (s1, s3, s4); chunks s0 rows 3-8, s2 9-15, s5 16-18, s6 19-27
     # sampling rows in plan order: s0, s1, s3, s4, s5 (s2 and s6 have prompt tokens left)
     assert inputs.sample_indices.tolist() == [8, 0, 1, 2, 18]
+
+
+@pytest.mark.parametrize("scenario", ["prefills", "chunks", "mixed"])
+@pytest.mark.parametrize("heads,kv_heads", HEAD_LAYOUTS)
+def test_bf16_steps_of_short_prompt_chunks_run_every_token_as_a_row_of_the_decode_kernel(heads, kv_heads, scenario,
+                                                                                        decode_path, monkeypatch):
+    """bf16, every prompt chunk at most ROW_CHUNK_TOKENS: one decode-kernel call per layer for the
+    whole step, each prompt token a row over its sequence's keys up to its own position (chunks
+    that continue a cache too); causal attention within bf16's rounding (on the PyTorch fallback,
+    the per-chunk path). float32 steps keep the per-chunk path."""
+    from tgserve.layers import cpu_kernels
+
+    calls = []
+    real = cpu_kernels.paged_decode
+    monkeypatch.setattr(cpu_kernels, "paged_decode", lambda q, *a: calls.append(q.shape[0]) or real(q, *a))
+    inputs, out, _ = run_step(SCENARIOS[scenario], heads, kv_heads, seed=7, dtype=torch.bfloat16)
+    tokens = out.shape[0]
+    assert inputs.attn.row_table.shape[0] == tokens and inputs.attn.row_lens.tolist() == [
+        p + 1 for p in inputs.positions.tolist()]  # a token sees the keys up to its own position
+    assert calls[:1] == [tokens]  # (the PyTorch fallback then attends chunk by chunk)
+    if decode_path == "native-kernel":
+        assert calls == [tokens]
+    calls.clear()
+    run_step(SCENARIOS[scenario], heads, kv_heads, seed=7)  # float32
+    assert tokens not in calls
+
+
+def test_a_long_prompt_chunk_keeps_the_per_chunk_path():
+    from tgserve.engine.inputs import ROW_CHUNK_TOKENS
+
+    inputs, _, _ = run_step([(0, ROW_CHUNK_TOKENS + 1, 0), (3, 1, 0)], 4, 2, dtype=torch.bfloat16)
+    assert inputs.attn.row_table is None and inputs.attn.row_lens is None
 
 
 ALIBI = torch.tensor([0.5, 0.25, 0.125, 0.0625])

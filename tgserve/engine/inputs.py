@@ -51,6 +51,9 @@ class StepInputs:
     # prompt logprobs: the flat rows whose logits are wanted, and the token each row is scored at
     logprob_rows: np.ndarray = field(default_factory=lambda: _EMPTY)
     logprob_targets: np.ndarray = field(default_factory=lambda: _EMPTY)
+    # every token as one query row over the cache (see _row_table), or None
+    row_table: np.ndarray | None = None  # [num_tokens, max_blocks]
+    row_lens: np.ndarray | None = None  # [num_tokens]
 
     def to_device(self, device: torch.device) -> BatchInputs:
         def move(a: np.ndarray | None) -> torch.Tensor | None:
@@ -68,6 +71,8 @@ class StepInputs:
                 block_size=self.block_size,
                 prefills=tuple(_chunk(start, length, context, move(blocks), device)
                                for start, length, context, blocks in self.prefills),
+                row_table=move(self.row_table),
+                row_lens=move(self.row_lens),
             ),
             sample_indices=move(self.sample_indices),
             starts=list(self.starts),
@@ -123,6 +128,7 @@ def step_inputs(plan: StepPlan, block_size: int) -> StepInputs:
     # a sequence's new forks sample from its row too
     sample_indices = [last_index[id(s)] for s in plan.scheduled if s.samples for _ in range(1 + len(s.forks))]
     table, lens = _decode_table(decodes, block_size) if decodes else (None, None)
+    row_table, row_lens = _row_table(decodes, prefills, block_size)
     starts = tuple(first_index[id(s)] for s in plan.scheduled)
     rows, targets = prompt_logprob_rows(plan, starts)
     return StepInputs(
@@ -135,6 +141,8 @@ def step_inputs(plan: StepPlan, block_size: int) -> StepInputs:
         decode_table=table,
         decode_lens=lens,
         prefills=tuple(chunks),
+        row_table=row_table,
+        row_lens=row_lens,
         sample_indices=np.asarray(sample_indices, dtype=np.int64),
         starts=starts,
         cross=_cross(plan, decodes, prefills, block_size),
@@ -210,6 +218,34 @@ def _decode_table(decodes: list[ScheduledSeq], block_size: int) -> tuple[np.ndar
         blocks = s.seq.block_ids[:max_blocks]
         table[row, :len(blocks)] = blocks
     return table, lengths
+
+
+# prompt chunks up to this long are attended as rows of the decode kernel (see _row_table)
+ROW_CHUNK_TOKENS = 64
+
+
+def _row_table(decodes: list[ScheduledSeq], prefills: list[ScheduledSeq], block_size: int
+               ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """For a step with prompt chunks, all short: each token of the step as one query row over its
+    sequence's cached keys — a decode its own, the token at position p of a chunk the keys up to p
+    (the chunk's own keys are in the cache before attention runs) — so that attention can run the
+    whole step as one call of the decode kernel instead of one call per chunk (per layer). Block
+    tables padded with the null block, and lengths; (None, None) for other steps."""
+    if not prefills or any(s.num_tokens > ROW_CHUNK_TOKENS for s in prefills):
+        return None, None
+    lengths = [s.seq.num_computed_tokens + 1 for s in decodes]
+    for s in prefills:
+        c = s.seq.num_computed_tokens
+        lengths.extend(range(c + 1, c + s.num_tokens + 1))
+    lens = np.asarray(lengths, dtype=np.int64)
+    max_blocks = int(-(-lens.max() // block_size))
+    table = np.full((len(lens), max_blocks), NULL_BLOCK, dtype=np.int64)
+    row = 0
+    for s in decodes + prefills:
+        blocks = s.seq.block_ids[:max_blocks]
+        table[row:row + s.num_tokens, :len(blocks)] = blocks
+        row += s.num_tokens
+    return table, lens
 
 
 def _chunk(start: int, length: int, context: int, blocks: torch.Tensor | None, device: torch.device) -> PrefillChunk:

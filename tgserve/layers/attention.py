@@ -47,6 +47,10 @@ class AttentionInputs:
     decode_seq_lens: torch.Tensor | None  # [num_decode] int64, keys each decode row attends to
     block_size: int
     prefills: tuple[PrefillChunk, ...]
+    # steps with short prompt chunks: every token as one query row over the cache (the decode
+    # kernel's layout; a prompt token sees its sequence's keys up to its own position), else None
+    row_table: torch.Tensor | None = None  # [num_tokens, max_blocks] int64, padded with NULL_BLOCK
+    row_lens: torch.Tensor | None = None  # [num_tokens] int64
     _masks: dict = field(default_factory=dict, compare=False, repr=False)  # built on first use
 
     def decode_mask(self) -> torch.Tensor | None:
@@ -116,6 +120,12 @@ class PagedAttention(nn.Module):
         d = attn.num_decode
         if d and d == q.shape[0]:  # decodes only: their output is the layer's
             return self._decode(q, attn).reshape(d, self.num_heads * self.head_dim)
+        if attn.row_table is not None and self.plain and q.dtype == torch.bfloat16:
+            # short prompt chunks (and the step's decodes) in one call of the decode kernel, every
+            # token a row; bf16 only: float32 prompts keep SDPA's sums, which transformers' match
+            out = cpu_kernels.paged_decode(q, self.k_cache, self.v_cache, attn.row_table, attn.row_lens, self.scale)
+            if out is not None:
+                return out.view(q.shape[0], self.num_heads * self.head_dim)
         out = torch.empty_like(q)
         if d:
             out[:d] = self._decode(q[:d], attn)
