@@ -1,8 +1,10 @@
 """Native CPU kernels: compiled once per machine with the system C compiler, loaded with ctypes.
 
-Only what PyTorch has no good op for lives here: paged decode attention, bf16 linear layers at
-decode-sized batches (kernels/linear_small.c, where the CPU has AVX-512 BF16) and past them over
-panel-packed weights (kernels/gemm_panel.c, faster than oneDNN's packed GEMM here), greedy choice
+Only what PyTorch has no good op for lives here: paged decode attention (also a step's short
+prompt chunks, every token a row), bf16 linear layers over panel-packed weights at every batch
+size (kernels/gemm_panel.c, where the CPU has AVX-512 BF16: faster than oneDNN's packed GEMM; a
+gated MLP's gate/up projection with its SiLU fused) and, for weights it cannot take, at
+decode-sized batches over plain weights (kernels/linear_small.c), greedy choice
 with its log-probability in one pass over the logits (kernels/greedy.c), and a layer's small
 element-wise steps — RMSNorm (alone or after the residual add), rotary embedding,
 SiLU-and-multiply, the K/V cache write — as one pass each (kernels/elementwise.c). If no compiler is
@@ -161,20 +163,24 @@ def panel_pack(weight: torch.Tensor) -> torch.Tensor | None:
     return w.permute(0, 2, 1, 3).contiguous()
 
 
+def _panel_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x [..., in] as the contiguous [rows, in] bf16 CPU matrix the panel kernels read."""
+    if x.dtype != torch.bfloat16 or not x.is_cpu or x.shape[-1] != in_features:
+        raise ValueError(f"a panel-packed bf16 linear takes bf16 CPU input [..., {in_features}], "
+                         f"not {x.dtype} {tuple(x.shape)} on {x.device}")
+    return x.reshape(-1, in_features).contiguous()
+
+
 def gemm_panel(x: torch.Tensor, panels: torch.Tensor, bias: torch.Tensor | None,
                out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x [..., in] (bf16, CPU) @ the panel-packed weight's [out, in].T (+ bias): [..., out] in bf16,
     or with out_dtype float32 the same bf16 values as float32 (what `.float()` of the bf16 result
     gives, written directly: an LM head's logits)."""
-    num_panels, pairs, _, _ = panels.shape
-    out_features, in_features = num_panels * PANEL, pairs * 2
-    if x.dtype != torch.bfloat16 or not x.is_cpu or x.shape[-1] != in_features:
-        raise ValueError(f"a panel-packed bf16 linear takes bf16 CPU input [..., {in_features}], "
-                         f"not {x.dtype} {tuple(x.shape)} on {x.device}")
+    out_features, in_features = panels.shape[0] * PANEL, panels.shape[1] * 2
+    x2 = _panel_input(x, in_features)
+    rows = x2.shape[0]
     if bias is not None and bias.numel() != out_features:
         raise ValueError(f"a bias of {bias.numel()} values for a linear with {out_features} outputs")
-    rows = x.numel() // in_features
-    x2 = x.reshape(rows, in_features).contiguous()
     if out_dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"the panel GEMM writes bf16 or float32, not {out_dtype}")
     y = torch.empty(*x.shape[:-1], out_features, dtype=out_dtype)
@@ -190,15 +196,11 @@ def gemm_panel_silu(x: torch.Tensor, panels: torch.Tensor) -> torch.Tensor | Non
     """silu(gate) * up of a fused [gate | up] linear (no bias) held as panels, in one native call
     (each core applies the SiLU to the tiles it computed): the bits of `gemm_panel` then
     `silu_mul`. None where the halves are not whole panels."""
-    num_panels, pairs, _, _ = panels.shape
-    out_features, in_features = num_panels * PANEL, pairs * 2
-    if num_panels % 2:
+    if panels.shape[0] % 2:
         return None
-    if x.dtype != torch.bfloat16 or not x.is_cpu or x.shape[-1] != in_features:
-        raise ValueError(f"a panel-packed bf16 linear takes bf16 CPU input [..., {in_features}], "
-                         f"not {x.dtype} {tuple(x.shape)} on {x.device}")
-    rows = x.numel() // in_features
-    x2 = x.reshape(rows, in_features).contiguous()
+    out_features, in_features = panels.shape[0] * PANEL, panels.shape[1] * 2
+    x2 = _panel_input(x, in_features)
+    rows = x2.shape[0]
     y = torch.empty(*x.shape[:-1], out_features // 2, dtype=torch.bfloat16)
     if rows:
         scratch = torch.empty(rows, out_features, dtype=torch.bfloat16)

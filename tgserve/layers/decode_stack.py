@@ -32,7 +32,7 @@ MAX_ROWS = 256
 class DecodeStack:
     def __init__(self, layers):
         self.layers = layers  # LlamaDecoderLayers (models/llama.py), loaded
-        self.pointers: torch.Tensor | None = None  # [layers * 8] int64, built on first use
+        self.pointers: torch.Tensor | None = None  # [layers * 12] int64, built on first use
         self.cache_ptr = 0  # the first layer's key cache when the pointers were built
         self.usable = self._usable()
         self.max_rows = self._max_rows() if self.usable else 0
