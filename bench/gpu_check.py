@@ -6,10 +6,12 @@
 1. Correctness: a small random Llama (float32) built here, greedy through tgserve's engine on the
    device (several prompts at once, chunked prefill mixed with decodes) against transformers'
    `generate` on the same device and weights, token for token.
+   Twice: decode steps replayed as CUDA graphs (--cuda-graphs, padded to their batch buckets), and
+   every step eager.
 2. Speed: a random 7B-class Llama (hidden 4096, 32 layers, 32 heads, MLP 11008, vocab 32000;
    ~13.5 GB in bf16) made directly on the device (nothing downloaded or read from disk): one
    stream's median decode step against the bandwidth roofline (weight bytes / the device's
-   measured copy bandwidth), and 64 streams' decode tok/s.
+   measured copy bandwidth), and 64 streams' decode tok/s; with CUDA graphs and eager, same run.
 
 Prints a table and writes the figures as JSON (--output). No figure here is a pass/fail line;
 the equality check is (exit 1 when tokens differ).
@@ -23,6 +25,10 @@ import statistics
 import time
 
 import torch
+
+from tgserve.config import ModelConfig, cuda_graph_sizes
+
+CUDA_GRAPHS = ModelConfig.__dataclass_fields__["cuda_graphs"].default
 
 SHAPES = {
     # hidden, layers, heads, kv heads, intermediate, vocab
@@ -43,7 +49,7 @@ def llama_config(shape: dict, max_positions: int = 4096):
                        eos_token_id=0, bos_token_id=1, rms_norm_eps=1e-5, architectures=["LlamaForCausalLM"])
 
 
-def engine(model, dtype: torch.dtype, device: torch.device, tokens: int, max_len: int):
+def engine(model, dtype: torch.dtype, device: torch.device, tokens: int, max_len: int, graph_sizes: tuple[int, ...]):
     from tgserve.config import SchedulerConfig
     from tgserve.engine.core import EngineCore
     from tgserve.engine.kv_cache import KVCacheManager
@@ -52,7 +58,7 @@ def engine(model, dtype: torch.dtype, device: torch.device, tokens: int, max_len
 
     blocks = tokens // BLOCK + 8
     scheduler = Scheduler(SchedulerConfig(max_batch_prefill_tokens=512), KVCacheManager(blocks, BLOCK), max_len)
-    return EngineCore(scheduler, ModelRunner(model, blocks, BLOCK, dtype, device))
+    return EngineCore(scheduler, ModelRunner(model, blocks, BLOCK, dtype, device, graph_sizes=graph_sizes))
 
 
 def run(core, prompts: list[list[int]], new_tokens: int, sync) -> tuple[list[list[int]], list[float]]:
@@ -80,8 +86,9 @@ def run(core, prompts: list[list[int]], new_tokens: int, sync) -> tuple[list[lis
     return [tokens[str(i)] for i in range(len(prompts))], decode_steps
 
 
-def check_equality(device: torch.device, sync) -> dict:
-    """A small random float32 Llama: tgserve's greedy tokens against transformers' on the device."""
+def check_equality(device: torch.device, sync, graph_sizes: tuple[int, ...]) -> dict:
+    """A small random float32 Llama: tgserve's greedy tokens against transformers' on the device,
+    with CUDA graphs (graph_sizes) and eager."""
     import tempfile
 
     from transformers import LlamaForCausalLM
@@ -97,7 +104,8 @@ def check_equality(device: torch.device, sync) -> dict:
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, SMALL["vocab_size"], (n,), generator=generator).tolist() for n in (5, 23, 1, 64, 17, 40)]
     new_tokens = 24
-    got, _ = run(engine(model, torch.float32, device, len(prompts) * 128, 512), prompts, new_tokens, sync)
+    got = {mode: run(engine(model, torch.float32, device, len(prompts) * 128, 512, sizes), prompts, new_tokens, sync)[0]
+           for mode, sizes in (("graphs", graph_sizes), ("eager", ()))}
     expected = []
     with torch.inference_mode():
         for p in prompts:  # one at a time: no padding in the reference
@@ -105,8 +113,8 @@ def check_equality(device: torch.device, sync) -> dict:
             out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
             expected.append(out[0, len(p):].tolist())
-    equal = sum(g == e for g, e in zip(got, expected))
-    return {"sequences": len(prompts), "equal": equal, "new_tokens": new_tokens}
+    return {"sequences": len(prompts), "new_tokens": new_tokens,
+            **{f"equal_{mode}": sum(g == e for g, e in zip(tokens, expected)) for mode, tokens in got.items()}}
 
 
 def copy_bandwidth(device: torch.device, sync, gib: float) -> float:
@@ -126,7 +134,8 @@ def copy_bandwidth(device: torch.device, sync, gib: float) -> float:
     return 2 * n * 4 / best
 
 
-def speed(device: torch.device, sync, shape: str, dtype: torch.dtype, streams: int, new_tokens: int) -> dict:
+def speed(device: torch.device, sync, shape: str, dtype: torch.dtype, streams: int, new_tokens: int,
+          graph_sizes: tuple[int, ...]) -> dict:
     from tgserve.models.registry import build_model
 
     max_len = 1024
@@ -143,18 +152,22 @@ def speed(device: torch.device, sync, shape: str, dtype: torch.dtype, streams: i
             quant.after_load(module)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bandwidth = copy_bandwidth(device, sync, 1.0 if shape == "7b" else 0.05)
-    core = engine(model, dtype, device, streams * (32 + new_tokens) + 64, max_len)
     vocab = SHAPES[shape]["vocab_size"]
     prompt = [[2 + (7 * i + j) % (vocab - 2) for j in range(32)] for i in range(streams)]
-    run(core, prompt[:1], 4, sync)  # warm-up
-    _, one = run(core, prompt[:1], new_tokens, sync)
-    _, many = run(core, prompt, new_tokens, sync)
-    one_ms = 1000 * statistics.median(one)
     roofline_ms = 1000 * weight_bytes / bandwidth
-    return {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "weight_gb": weight_bytes / 1e9,
-            "copy_bandwidth_gb_s": bandwidth / 1e9, "one_stream_ms": one_ms, "roofline_ms": roofline_ms,
-            "roofline_share": roofline_ms / one_ms, "streams": streams,
-            "many_streams_tok_s": streams / statistics.median(many)}
+    figures = {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "weight_gb": weight_bytes / 1e9,
+               "copy_bandwidth_gb_s": bandwidth / 1e9, "roofline_ms": roofline_ms, "streams": streams}
+    for mode, sizes in (("graphs", graph_sizes), ("eager", ())):
+        core = engine(model, dtype, device, streams * (32 + new_tokens) + 64, max_len, sizes)
+        run(core, prompt[:1], 4, sync)  # warm-up (and the graphs' captures)
+        run(core, prompt, 3, sync)
+        _, one = run(core, prompt[:1], new_tokens, sync)
+        _, many = run(core, prompt, new_tokens, sync)
+        one_ms = 1000 * statistics.median(one)
+        figures[mode] = {"one_stream_ms": one_ms, "roofline_share": roofline_ms / one_ms,
+                         "many_streams_tok_s": streams / statistics.median(many)}
+        del core
+    return figures
 
 
 def main() -> int:
@@ -164,8 +177,10 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--cuda-graphs", default=CUDA_GRAPHS, help="batch sizes captured as CUDA graphs (as serve's flag)")
     p.add_argument("--output", default="gpu-check.json")
     args = p.parse_args()
+    graph_sizes = cuda_graph_sizes(args.cuda_graphs)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here: this check needs an NVIDIA GPU (or --device cpu --shape tiny)")
@@ -174,21 +189,24 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"tgserve GPU check on {name}", flush=True)
     start = time.perf_counter()
-    equality = check_equality(device, sync)
-    print(f"greedy float32 vs transformers: {equality['equal']}/{equality['sequences']} sequences equal "
+    equality = check_equality(device, sync, graph_sizes)
+    print(f"greedy float32 vs transformers: {equality['equal_graphs']}/{equality['sequences']} sequences equal "
+          f"with CUDA graphs, {equality['equal_eager']}/{equality['sequences']} eager "
           f"({equality['new_tokens']} tokens each)", flush=True)
-    figures = speed(device, sync, args.shape, getattr(torch, args.dtype), args.streams, args.new_tokens)
-    print(f"\n| device | shape | weights | copy bandwidth | 1 stream | roofline | share | {args.streams} streams |\n"
-          f"|---|---|---|---|---|---|---|---|\n"
-          f"| {name} | {figures['shape']} {figures['dtype']} | {figures['weight_gb']:.1f} GB | "
-          f"{figures['copy_bandwidth_gb_s']:.0f} GB/s | {figures['one_stream_ms']:.2f} ms/token | "
-          f"{figures['roofline_ms']:.2f} ms | {100 * figures['roofline_share']:.0f}% | "
-          f"{figures['many_streams_tok_s']:.0f} tok/s |")
+    figures = speed(device, sync, args.shape, getattr(torch, args.dtype), args.streams, args.new_tokens, graph_sizes)
+    print(f"\n| device | shape | weights | copy bandwidth | steps | 1 stream | roofline | share "
+          f"| {args.streams} streams |\n|---|---|---|---|---|---|---|---|---|")
+    for mode in ("graphs", "eager"):
+        f = figures[mode]
+        print(f"| {name} | {figures['shape']} {figures['dtype']} | {figures['weight_gb']:.1f} GB | "
+              f"{figures['copy_bandwidth_gb_s']:.0f} GB/s | {mode} | {f['one_stream_ms']:.2f} ms/token | "
+              f"{figures['roofline_ms']:.2f} ms | {100 * f['roofline_share']:.0f}% | "
+              f"{f['many_streams_tok_s']:.0f} tok/s |")
     with open(args.output, "w") as f:
         json.dump({"device": name, "equality": equality, **figures,
                    "seconds": time.perf_counter() - start}, f, indent=2)
     print(f"\nfigures: {args.output} ({time.perf_counter() - start:.0f} s)")
-    return 0 if equality["equal"] == equality["sequences"] else 1
+    return 0 if equality["equal_graphs"] == equality["equal_eager"] == equality["sequences"] else 1
 
 
 if __name__ == "__main__":

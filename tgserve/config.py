@@ -52,6 +52,13 @@ class ModelConfig:
         None, "Hugging Face hub cache to look repo ids up in (offline). Default: the HF default.",
         "--huggingface-hub-cache",
     )
+    cuda_graphs: str = setting(
+        "1,2,4,8,16,32,64,128",
+        "Batch sizes whose decode steps are captured as CUDA graphs on first use and replayed (a step "
+        "of d decodes runs as the smallest size >= d, padded; bigger batches and prefills run eagerly). "
+        "\"0\" disables. CUDA only, one rank only.",
+        "--cuda-graphs",
+    )
     path: str | None = setting(None, "Resolved local model folder (set by the launcher).")
 
 
@@ -200,6 +207,20 @@ SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerCo
 
 class ConfigError(ValueError):
     """A setting, or a combination of settings, that cannot work."""
+
+
+def cuda_graph_sizes(spec: str | None) -> tuple[int, ...]:
+    """`--cuda-graphs`: comma-separated batch sizes, sorted; "0" (or nothing) turns graphs off."""
+    text = (spec or "").strip()
+    if text in ("", "0"):
+        return ()
+    try:
+        sizes = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ConfigError(f"--cuda-graphs takes comma-separated batch sizes (or 0 to disable), not {spec!r}") from None
+    if not sizes or sizes[0] < 1:
+        raise ConfigError(f"--cuda-graphs batch sizes must be positive, not {spec!r}")
+    return tuple(sizes)
 
 
 def check_limits(server: ServerConfig, cache: CacheConfig) -> None:

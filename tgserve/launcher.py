@@ -29,7 +29,7 @@ import zmq
 
 from tgserve import hardware
 from tgserve.api.app import api_main
-from tgserve.config import DTYPES, Config, ConfigError, ShardConfig, check_limits
+from tgserve.config import DTYPES, Config, ConfigError, ShardConfig, check_limits, cuda_graph_sizes
 from tgserve.engine.core import engine_main
 from tgserve.process import setup_logging
 from tgserve.protocol import EngineFailed, encode, to_api_address
@@ -114,6 +114,7 @@ def resolve(config: Config) -> Config:
     elif scheduler.prefill_group_tokens is not None and scheduler.prefill_group_tokens < 1:
         raise ConfigError("`prefill_group_tokens` must be > 0")
     check_limits(server, config.cache)
+    cuda_graph_sizes(config.model.cuda_graphs)  # a bad list fails here, not in the engine
     model = dataclasses.replace(config.model, path=path, device=device, dtype=dtype)
     return config.replace(model=model, server=server, scheduler=scheduler, shard=resolve_shard(config.shard, device))
 

@@ -204,7 +204,8 @@ def test_the_real_llama_server_when_it_is_built(tmp_path):
 
 def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
     """bench/gpu_check.py end to end at its tiny shape on the CPU (the real check needs an NVIDIA GPU):
-    greedy float32 tokens equal transformers', and the speed figures are written."""
+    greedy float32 tokens equal transformers' through the graphs' padded inputs (run eagerly here) and
+    eager steps, and the speed figures of both are written."""
     out = tmp_path / "gpu-check.json"
     run = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--shape", "tiny",
                           "--streams", "4", "--new-tokens", "6", "--output", str(out)],
@@ -212,9 +213,12 @@ def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert run.returncode == 0, run.stdout + run.stderr
     figures = json.loads(out.read_text())
-    assert figures["equality"]["equal"] == figures["equality"]["sequences"] == 6
-    assert figures["one_stream_ms"] > 0 and figures["many_streams_tok_s"] > 0 and figures["streams"] == 4
-    assert "greedy float32 vs transformers: 6/6 sequences equal" in run.stdout
+    equality = figures["equality"]
+    assert equality["equal_graphs"] == equality["equal_eager"] == equality["sequences"] == 6
+    for mode in ("graphs", "eager"):
+        assert figures[mode]["one_stream_ms"] > 0 and figures[mode]["many_streams_tok_s"] > 0
+    assert figures["streams"] == 4
+    assert "greedy float32 vs transformers: 6/6 sequences equal with CUDA graphs, 6/6 eager" in run.stdout
 
 
 def test_the_gpu_check_says_when_there_is_no_gpu(tmp_path):

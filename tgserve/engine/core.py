@@ -18,7 +18,7 @@ from torch import nn
 
 from tgserve import distributed as dist
 from tgserve import hardware
-from tgserve.config import Config
+from tgserve.config import Config, cuda_graph_sizes
 from tgserve.engine.kv_cache import KVCacheManager
 from tgserve.engine import fallback
 from tgserve.engine.inputs import StepInputs
@@ -205,7 +205,11 @@ def create_engine(config: Config) -> tuple[EngineCore, Ready]:
                       watermark_gamma=config.sampling.watermark_gamma,
                       watermark_delta=config.sampling.watermark_delta)
     if model is not None:
-        runner = ModelRunner(model, num_blocks, block_size, dtype, device, sampler)
+        # CUDA graphs replay one GPU's kernels: a sharded step's collectives stay eager
+        graph_sizes = ()
+        if device.type == "cuda" and config.shard.num_shard == 1:
+            graph_sizes = cuda_graph_sizes(config.model.cuda_graphs)
+        runner = ModelRunner(model, num_blocks, block_size, dtype, device, sampler, graph_sizes)
         if config.shard.num_shard > 1:
             runner.broadcast = dist.broadcast_object
     else:

@@ -15,6 +15,7 @@ import time
 import torch
 from torch import nn
 
+from tgserve.engine.graphs import DecodeGraphs
 from tgserve.engine.inputs import StepInputs, prompt_logprob_spans, step_inputs
 from tgserve.engine.profile import StepProfile
 from tgserve.layers.attention import AttentionClock
@@ -69,7 +70,10 @@ def plan_num_blocks(bytes_per_token: int, block_size: int, max_batch_total_token
 
 class ModelRunner:
     def __init__(self, model: nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device, sampler: Sampler | None = None):
+                 device: torch.device, sampler: Sampler | None = None, graph_sizes: tuple[int, ...] = (),
+                 capture_graphs: bool | None = None):
+        """graph_sizes: the batch sizes whose decode steps run through DecodeGraphs (captured as CUDA
+        graphs when capture_graphs, by default on CUDA; else run eagerly through the same padding)."""
         self.model, self.block_size, self.device = model, block_size, device
         self._sampler = sampler
         self.broadcast = None  # sharded: sends each step's StepInputs to the other ranks (set by the engine)
@@ -84,6 +88,8 @@ class ModelRunner:
                              torch.zeros(shape, dtype=dtype, device=device))
         log.info("weights: %.1f MiB; KV cache: %d blocks of %d tokens (%.2f GiB)", weights / 2**20,
                  num_blocks - 1, block_size, num_blocks * block_size * kv_bytes_per_token(model, dtype) / 2**30)
+        capture = device.type == "cuda" if capture_graphs is None else capture_graphs
+        self.graphs = DecodeGraphs(model, device, graph_sizes, block_size, capture) if graph_sizes else None
 
     @property
     def sampler(self) -> Sampler:
@@ -128,6 +134,9 @@ class ModelRunner:
         profile = profile or StepProfile()
         if step.block_copies:
             self._copy_blocks(step.block_copies)
+        if self.graphs is not None and (logits := self.graphs.run(step)) is not None:
+            profile.mark("forward")  # a replay: inputs, attention and logits are inside it
+            return logits, None
         inputs = step.to_device(self.device)
         profile.mark("inputs")
         AttentionClock.take()

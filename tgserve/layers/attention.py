@@ -2,7 +2,9 @@
 
 The cache of one layer is two tensors `[num_blocks, block_size, kv_heads, head_dim]`, zero-filled
 at start; a sequence owns a list of blocks (its block table). Block 0 is the null block: never
-handed out, so it stays zero, and padded block tables point at it.
+handed out, and padded block tables point at it (masked: no real row reads it). It stays zero,
+except that the padded rows of a CUDA graph's batch write their K/V to its first slot
+(engine/graphs.py): finite values, read only by those padded rows.
 Each step's flat batch puts single-token rows (decodes) first, attended in one batched call (a
 native kernel that walks the block tables on CPU, else block gather + SDPA), then prefill chunks,
 each attended on its own (their lengths differ, and each call is large).
