@@ -306,3 +306,30 @@ def test_native_bf16_decode_kernel_at_model_shapes(head_dim, heads, kv_heads, nu
         expected = F.scaled_dot_product_attention(q[row].float()[:, None], k, v, scale=scale,
                                                   enable_gqa=heads != kv_heads)[:, 0]
         torch.testing.assert_close(native[row].float(), expected, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (128, 32, 8), (24, 8, 8), (40, 6, 1), (20, 4, 2)])
+def test_native_float32_decode_kernel_at_model_shapes(head_dim, heads, kv_heads):
+    """The float32 kernel's AVX2 path (head_dim a multiple of 8: 64, 128, 24, 40 — a head in 32-value
+    slices and a remainder) and its generic path (20) against float64 attention, over blocks in
+    random order, lengths that end inside a block and reach past the prefetch distance."""
+    from tgserve.layers import cpu_kernels
+
+    g = torch.Generator().manual_seed(6)
+    block, blocks, per_seq, num_seqs = 16, 200, 8, 8
+    k_cache = torch.randn(blocks, block, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(blocks, block, kv_heads, head_dim, generator=g)
+    lens = torch.tensor([1, 17, 100, 3, 128, 9, 33, 64], dtype=torch.long)
+    table = (torch.randperm(blocks - 1, generator=g)[:num_seqs * per_seq] + 1).view(num_seqs, per_seq)
+    q = torch.randn(num_seqs, heads, head_dim, generator=g)
+    scale = head_dim ** -0.5
+    native = cpu_kernels.paged_decode(q, k_cache, v_cache, table, lens, scale)
+    if native is None:
+        pytest.skip("no native kernels here")
+    for row in range(num_seqs):
+        slots = (table[row][:, None] * block + torch.arange(block)).view(-1)[: lens[row]]
+        k = k_cache.view(-1, kv_heads, head_dim)[slots].double().transpose(0, 1)
+        v = v_cache.view(-1, kv_heads, head_dim)[slots].double().transpose(0, 1)
+        expected = F.scaled_dot_product_attention(q[row].double()[:, None], k, v, scale=scale,
+                                                  enable_gqa=heads != kv_heads)[:, 0]
+        torch.testing.assert_close(native[row].double(), expected, atol=1e-5, rtol=1e-5)

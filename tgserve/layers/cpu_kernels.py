@@ -3,8 +3,8 @@
 Only what PyTorch has no good op for lives here: paged decode attention (also a step's short
 prompt chunks, every token a row), bf16 linear layers over panel-packed weights at every batch
 size (kernels/gemm_panel.c, where the CPU has AVX-512 BF16: faster than oneDNN's packed GEMM; a
-gated MLP's gate/up projection with its SiLU fused) and, for weights it cannot take, at
-decode-sized batches over plain weights (kernels/linear_small.c), greedy choice
+gated MLP's gate/up projection with its SiLU fused) and, for weights it cannot take and for float32
+weights, at decode-sized batches over plain weights (kernels/linear_small.c), greedy choice
 with its log-probability in one pass over the logits (kernels/greedy.c), and a layer's small
 element-wise steps — RMSNorm (alone or after the residual add), rotary embedding,
 SiLU-and-multiply, the K/V cache write — as one pass each (kernels/elementwise.c). If no compiler is
@@ -82,6 +82,9 @@ def _library() -> ctypes.CDLL | None:
     lib.linear_small_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     lib.linear_small_bf16.restype = None
     lib.linear_small_available.restype = ctypes.c_int
+    lib.linear_small_f32.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+    lib.linear_small_f32.restype = None
+    lib.linear_small_f32_available.restype = ctypes.c_int
     for name in ("gemm_panel_bf16", "gemm_panel_bf16_f32"):
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
         getattr(lib, name).restype = None
@@ -107,25 +110,31 @@ def _library() -> ctypes.CDLL | None:
 
 
 @functools.cache
-def linear_small_rows() -> int:
-    """The most rows `linear_small` takes (0: this CPU or build has no AVX-512 BF16 kernel)."""
+def linear_small_rows(dtype: torch.dtype = torch.bfloat16) -> int:
+    """The most rows `linear_small` takes in this dtype (0: this CPU or build has no kernel for it:
+    bf16 needs AVX-512 BF16, float32 AVX2 and FMA)."""
     lib = _library()
-    return lib.linear_small_available() if lib is not None else 0
+    if lib is None:
+        return 0
+    if dtype == torch.bfloat16:
+        return lib.linear_small_available()
+    return lib.linear_small_f32_available() if dtype == torch.float32 else 0
 
 
 def linear_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """x [rows, in] @ weight[out, in].T (+ bias), bf16, for at most linear_small_rows() rows; None
-    where the kernel cannot take it (then the caller's own path runs)."""
-    rows = x.shape[0]
-    if (x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"
-            or not weight.is_contiguous() or (bias is not None and bias.dtype != torch.bfloat16)
-            or not 0 < rows <= linear_small_rows()):
+    """x [rows, in] @ weight[out, in].T (+ bias), bf16 or float32 (x, weight and bias alike), for at
+    most linear_small_rows(dtype) rows; None where the kernel cannot take it (then the caller's own
+    path runs)."""
+    rows, dtype = x.shape[0], weight.dtype
+    if (x.dtype != dtype or x.device.type != "cpu" or not weight.is_contiguous()
+            or (bias is not None and bias.dtype != dtype) or not 0 < rows <= linear_small_rows(dtype)):
         return None
     x = x.contiguous()
     out_features, in_features = weight.shape
-    y = torch.empty(rows, out_features, dtype=torch.bfloat16)
-    _library().linear_small_bf16(x.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None,
-                                 y.data_ptr(), rows, out_features, in_features)
+    y = torch.empty(rows, out_features, dtype=dtype)
+    fn = _library().linear_small_bf16 if dtype == torch.bfloat16 else _library().linear_small_f32
+    fn(x.data_ptr(), weight.data_ptr(), bias.contiguous().data_ptr() if bias is not None else None, y.data_ptr(),
+       rows, out_features, in_features)
     return y
 
 

@@ -51,8 +51,8 @@ class Unquantized(QuantMethod):
 
     A bf16 weight without panels (a shape the GEMM does not take: outputs not a multiple of 64,
     e.g. GPT-2's 50257-word LM head) runs one to four rows on the small-batch kernel
-    (layers/kernels/linear_small.c: ~27 GB/s where oneDNN reads ~16.5) when it keeps its plain
-    weight too: always for a weight another module owns anyway (a tied LM head), and for the
+    (layers/kernels/linear_small.c: ~27 GB/s where oneDNN reads ~16.5), and so does a float32
+    weight (~30 GB/s where oneDNN's packed one reads ~22), when it keeps its plain weight too: always for a weight another module owns anyway (a tied LM head), and for the
     others when the model's linears take little of the memory (`keep_plain`, set by the loader:
     see `plain_copies_fit`)."""
 
@@ -76,7 +76,7 @@ class Unquantized(QuantMethod):
         layer.small_weight = None
         if layer.packed_weight is not None or layer.panel_weight is not None:
             if layer.panel_weight is None and (self.keep_plain or self.shared) \
-                    and layer.weight.dtype == torch.bfloat16 and cpu_kernels.linear_small_rows():
+                    and cpu_kernels.linear_small_rows(layer.weight.dtype):
                 layer.small_weight = layer.weight.detach()
             # the packed copy is what the larger matmuls read: keeping the plain one as well
             # doubles the weights' memory unless it is kept above (a tied LM head's tensor lives

@@ -105,19 +105,19 @@ def load_model(folder: str, dtype: torch.dtype, device: torch.device, max_model_
 
 
 def _keep_plain_weights(model: nn.Module, device: torch.device) -> None:
-    """On CPU, unquantized bf16 linears the panel GEMM cannot take keep their plain weight beside
-    the oneDNN-packed one (for the small-batch kernel, quant/base.py) when all of them together take
-    little of the free memory."""
+    """On CPU, unquantized linears without panels (bf16 ones the panel GEMM cannot take, float32
+    ones) keep their plain weight beside the oneDNN-packed one (for the small-batch kernel,
+    quant/base.py) when all of them together take little of the free memory."""
     from tgserve import hardware
     from tgserve.layers.linear import LinearBase
     from tgserve.quant.base import Unquantized, plain_copies_fit
 
     from tgserve.layers import cpu_kernels
 
-    if device.type != "cpu" or not cpu_kernels.linear_small_rows():
+    if device.type != "cpu":
         return
     layers = [m for m in model.modules() if isinstance(m, LinearBase) and type(m.quant) is Unquantized
-              and m.weight.dtype == torch.bfloat16 and not cpu_kernels.panels_take(m.weight)]
+              and cpu_kernels.linear_small_rows(m.weight.dtype) and not cpu_kernels.panels_take(m.weight)]
     total = sum(m.weight.numel() * m.weight.element_size() for m in layers)
     if layers and plain_copies_fit(total, hardware.available_memory_bytes("cpu")):
         for m in layers:

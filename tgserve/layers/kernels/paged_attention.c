@@ -83,7 +83,7 @@ void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_t
 #define F16_LOAD(x) ((float)(x))
 #define F16_STORE(x) ((_Float16)(x))
 
-DEFINE_KERNEL(paged_decode_f32, float, F32_LOAD, F32_STORE)
+DEFINE_KERNEL(paged_decode_f32_generic, float, F32_LOAD, F32_STORE)
 DEFINE_KERNEL(paged_decode_f16, _Float16, F16_LOAD, F16_STORE)
 DEFINE_KERNEL(paged_decode_bf16_generic, uint16_t, BF16_LOAD, BF16_STORE)
 
@@ -212,5 +212,119 @@ void paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_
                        int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale) {
     paged_decode_bf16_generic(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads,
                               num_kv_heads, head_dim, block_size, max_blocks, scale);
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+
+/* float32 with AVX2 and FMA, for head_dim a multiple of 8 (up to 256) and up to 16 query heads per kv
+ * head: the bf16 kernel's plan (one task per (sequence, kv head), keys then values streamed once,
+ * blocks fetched ahead) in 8-wide float32 vectors. Same results as the generic loop up to the order
+ * of float32 sums. */
+#define F32_MAX_GROUP 16
+#define F32_PREFETCH 8  /* tokens ahead */
+#define F32_EARLY_VALUES_BYTES (256 * 1024)
+
+static inline float hsum8_attn(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __attribute__((always_inline)) void decode_task_f32(
+        const float* q, const float* k_cache, const float* v_cache, const int64_t* table, int64_t len, float* out,
+        int g, int group, int num_kv_heads, int head_dim, int block_size, float scale, float* scores) {
+    const int64_t row = (int64_t)num_kv_heads * head_dim;
+    const int vecs = head_dim / 8;
+    int64_t* slot = (int64_t*)(scores + (int64_t)group * len);
+    for (int64_t b = 0, t = 0; t < len; b++)
+        for (int64_t i = 0; i < block_size && t < len; i++, t++) slot[t] = (table[b] * block_size + i) * row + g * head_dim;
+    const float* qg = q + (int64_t)g * group * head_dim;  /* this kv head's query heads, one after another */
+    const int early_values = len * head_dim * (int64_t)sizeof(float) <= F32_EARLY_VALUES_BYTES;
+    for (int64_t t = 0; t < len; t++) {
+        const float* k = k_cache + slot[t];
+        if (t + F32_PREFETCH < len)
+            for (int c = 0; c < vecs; c += 2) _mm_prefetch((const char*)(k_cache + slot[t + F32_PREFETCH] + c * 8), _MM_HINT_T1);
+        if (early_values)
+            for (int c = 0; c < vecs; c += 2) _mm_prefetch((const char*)(v_cache + slot[t] + c * 8), _MM_HINT_T1);
+        for (int j = 0; j < group; j++) {
+            const float* qj = qg + (int64_t)j * head_dim;
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            int c = 0;
+            for (; c + 2 <= vecs; c += 2) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + c * 8), _mm256_loadu_ps(k + c * 8), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + c * 8 + 8), _mm256_loadu_ps(k + c * 8 + 8), a1);
+            }
+            if (c < vecs) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + c * 8), _mm256_loadu_ps(k + c * 8), a0);
+            scores[j * len + t] = hsum8_attn(_mm256_add_ps(a0, a1)) * scale;
+        }
+    }
+    for (int j = 0; j < group; j++) {
+        float* sj = scores + j * len;
+        float mx = sj[0];
+        for (int64_t t = 1; t < len; t++) mx = sj[t] > mx ? sj[t] : mx;
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; t++) { sj[t] = expf(sj[t] - mx); sum += sj[t]; }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < len; t++) sj[t] *= inv;
+    }
+    /* out_j = sum_t p[j, t] v_t, 32 values of the head at a time (4 registers per query head) */
+    for (int d0 = 0; d0 < head_dim; d0 += 32) {
+        const int parts = head_dim - d0 >= 32 ? 4 : (head_dim - d0) / 8;
+        __m256 acc[F32_MAX_GROUP][4];
+        for (int j = 0; j < group; j++)
+            for (int p = 0; p < parts; p++) acc[j][p] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < len; t++) {
+            const float* v = v_cache + slot[t] + d0;
+            if (t + F32_PREFETCH < len) _mm_prefetch((const char*)(v_cache + slot[t + F32_PREFETCH] + d0), _MM_HINT_T0);
+            for (int j = 0; j < group; j++) {
+                const __m256 pj = _mm256_set1_ps(scores[j * len + t]);
+                for (int p = 0; p < parts; p++) acc[j][p] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + p * 8), acc[j][p]);
+            }
+        }
+        for (int j = 0; j < group; j++)
+            for (int p = 0; p < parts; p++) _mm256_storeu_ps(out + (int64_t)(g * group + j) * head_dim + d0 + p * 8, acc[j][p]);
+    }
+}
+
+void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache, const int64_t* block_tables,
+                      const int64_t* seq_lens, float* out, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+                      int block_size, int max_blocks, float scale) {
+    const int group = num_heads / num_kv_heads;
+    if (head_dim % 8 != 0 || head_dim > 256 || group > F32_MAX_GROUP) {
+        paged_decode_f32_generic(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads, num_kv_heads,
+                                 head_dim, block_size, max_blocks, scale);
+        return;
+    }
+    const int tasks = num_seqs * num_kv_heads;
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int task = 0; task < tasks; task++) {
+        const int s = task / num_kv_heads, g = task % num_kv_heads;
+        const int64_t len = seq_lens[s];
+        float* scores = malloc((sizeof(float) * group + sizeof(int64_t)) * len);
+        const float* qs = q + (int64_t)s * num_heads * head_dim;
+        const int64_t* table = block_tables + (int64_t)s * max_blocks;
+        float* os = out + (int64_t)s * num_heads * head_dim;
+#define TASK(GROUP, DIM) decode_task_f32(qs, k_cache, v_cache, table, len, os, g, GROUP, num_kv_heads, DIM, \
+                                         block_size, scale, scores)
+        if (head_dim == 64 && group == 1) TASK(1, 64);
+        else if (head_dim == 64 && group == 3) TASK(3, 64);
+        else if (head_dim == 64 && group == 4) TASK(4, 64);
+        else if (head_dim == 128 && group == 1) TASK(1, 128);
+        else if (head_dim == 128 && group == 4) TASK(4, 128);
+        else if (head_dim == 128 && group == 8) TASK(8, 128);
+        else TASK(group, head_dim);
+#undef TASK
+        free(scores);
+    }
+}
+#else
+void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache, const int64_t* block_tables,
+                      const int64_t* seq_lens, float* out, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+                      int block_size, int max_blocks, float scale) {
+    paged_decode_f32_generic(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads, num_kv_heads,
+                             head_dim, block_size, max_blocks, scale);
 }
 #endif
