@@ -13,8 +13,8 @@ from conftest import build_tiny_llama
 from tgserve.layers import cpu_kernels
 from tgserve.layers.decode_stack import DecodeStack
 
-pytestmark = pytest.mark.skipif(cpu_kernels.linear_small_rows() == 0,
-                                reason="the decode stack needs the bf16 small-batch kernel (AVX-512 BF16)")
+pytestmark = pytest.mark.skipif(not (cpu_kernels.gemm_panel_available() or cpu_kernels.linear_small_rows()),
+                                reason="the decode stack needs the panel GEMM (AVX-512 BF16 or AVX2) or the small kernel")
 
 
 def generate(folder: str, prompts: list[list[int]], new_tokens: int, calls: list | None = None
@@ -63,6 +63,7 @@ def test_the_stack_gives_the_layer_by_layer_bits(tmp_path, monkeypatch, shape):
     assert with_stack == without  # token ids and logprobs, bit for bit
 
 
+@pytest.mark.skipif(cpu_kernels.linear_small_rows() == 0, reason="no bf16 small-batch kernel (AVX-512 BF16) here")
 def test_more_rows_than_the_small_kernel_takes_fall_back_where_a_linear_has_no_panels(tmp_path, monkeypatch):
     folder = build_tiny_llama(str(tmp_path / "llama"), seed=4, intermediate_size=100)  # gate/up 200 wide: no panels
     calls = []

@@ -18,7 +18,7 @@ needs_kernel = pytest.mark.skipif(not cpu_kernels.gemm_panel_available(),
 
 @needs_kernel
 @pytest.mark.parametrize("k, n", [(576, 960), (1536, 576), (576, 3072), (66, 128), (2, 64)])
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 64, 131])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9, 64, 131])
 def test_kernel_equals_the_float_computation(k, n, rows):
     g = torch.Generator().manual_seed(k * n + rows)
     x = torch.randn(rows, k, generator=g).bfloat16()

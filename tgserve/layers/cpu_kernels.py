@@ -2,8 +2,9 @@
 
 Only what PyTorch has no good op for lives here: paged decode attention (also a step's short
 prompt chunks, every token a row), bf16 linear layers over panel-packed weights at every batch
-size (kernels/gemm_panel.c, where the CPU has AVX-512 BF16: faster than oneDNN's packed GEMM; a
-gated MLP's gate/up projection with its SiLU fused) and, for weights it cannot take and for float32
+size (kernels/gemm_panel.c, where the CPU has AVX-512 BF16: faster than oneDNN's packed GEMM; or
+AVX2 and FMA, widening bf16 to float32 in registers; a gated MLP's gate/up projection with its SiLU
+fused) and, for weights it cannot take and for float32
 weights, at decode-sized batches over plain weights (kernels/linear_small.c), greedy choice
 with its log-probability in one pass over the logits (kernels/greedy.c), and a layer's small
 element-wise steps — RMSNorm (alone or after the residual add), rotary embedding,
@@ -33,8 +34,14 @@ _SOURCES = [os.path.join(os.path.dirname(__file__), "kernels", name) for name in
                                                                                   "decode_stack.c",
                                                                                   "gemm_panel.c")]
 # included by the sources above (part of the build's cache key, not compiled on their own)
-_HEADERS = [os.path.join(os.path.dirname(__file__), "kernels", "avx512_bf16.h")]
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+_HEADERS = [os.path.join(os.path.dirname(__file__), "kernels", name) for name in ("avx512_bf16.h", "avx2_bf16.h")]
+# TGSERVE_CPU_MARCH builds for another target than this CPU (e.g. x86-64-v3: the AVX2 kernels a CPU
+# without AVX-512 runs, tested on one that has it); the default is this CPU's own instructions
+MARCH_ENV = "TGSERVE_CPU_MARCH"
+
+
+def _flags() -> list[str]:
+    return ["-O3", f"-march={os.environ.get(MARCH_ENV) or 'native'}", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # the dtypes each element-wise kernel takes: only where it gives PyTorch's own bits (elementwise.c)
 _ELEMENTWISE = {"rms_norm": (torch.bfloat16,), "add_rms_norm": (torch.bfloat16,),
@@ -59,7 +66,8 @@ def _library() -> ctypes.CDLL | None:
     for path in _SOURCES + _HEADERS:
         with open(path, "rb") as f:
             source += f.read()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + platform.machine().encode()
+    flags = _flags()
+    key = hashlib.sha256(source + " ".join(flags).encode() + platform.machine().encode()
                          + _cpu_signature().encode()).hexdigest()[:16]
     cache = os.path.join(os.path.expanduser("~"), ".cache", "tgserve", "kernels")
     path = os.path.join(cache, f"kernels-{key}.so")
@@ -67,7 +75,7 @@ def _library() -> ctypes.CDLL | None:
         os.makedirs(cache, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
-        result = subprocess.run([compiler, *_FLAGS, "-o", tmp, *_SOURCES, "-lm"], capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, "-o", tmp, *_SOURCES, "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
             os.unlink(tmp)
             log.warning("building the native CPU kernels failed; using the PyTorch path:\n%s", result.stderr)
@@ -150,13 +158,14 @@ PANEL = 64  # output columns per panel of a panel-packed weight (kernels/gemm_pa
 
 @functools.cache
 def gemm_panel_available() -> bool:
+    """Whether the panel GEMM was built: CPUs with AVX-512 BF16, or AVX2 and FMA."""
     lib = _library()
-    return lib is not None and lib.gemm_panel_available() == 1
+    return lib is not None and lib.gemm_panel_available() != 0
 
 
 def panels_take(weight: torch.Tensor) -> bool:
     """Whether `panel_pack` takes this weight: bf16 on the CPU, out a multiple of 64, in even, and
-    an AVX-512 BF16 build."""
+    a build with the panel GEMM (AVX-512 BF16 or AVX2)."""
     out_features, in_features = weight.shape
     return (weight.dtype == torch.bfloat16 and weight.is_cpu and out_features % PANEL == 0 and in_features % 2 == 0
             and gemm_panel_available())

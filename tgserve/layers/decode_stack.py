@@ -1,5 +1,5 @@
 """A Llama-family decoder's layers in one native call for decode steps (layers/kernels/decode_stack.c):
-bf16 on CPUs with AVX-512 BF16, the same kernels and rounding as the layer-by-layer path, so the
+bf16 on CPUs with AVX-512 BF16 (or AVX2, where every linear has panels), the same kernels and rounding as the layer-by-layer path, so the
 same bits, without ~40 Python-level ops per layer — at one to four rows those cost as much as
 streaming the weights. The linears run the panel GEMM (up to MAX_ROWS rows); a linear without
 panels, the small-batch kernel on its plain weight (up to four rows).
@@ -38,7 +38,9 @@ class DecodeStack:
         self.max_rows = self._max_rows() if self.usable else 0
 
     def _usable(self) -> bool:
-        if dist.tp_size() != 1 or cpu_kernels.linear_small_rows() == 0 or not self.layers:
+        # a native linear for every weight: the panel GEMM (AVX-512 BF16 or AVX2) or the small-batch kernel
+        if dist.tp_size() != 1 or not (cpu_kernels.gemm_panel_available() or cpu_kernels.linear_small_rows()) \
+                or not self.layers:
             return False
         for layer in self.layers:
             attention, mlp = layer.self_attn, layer.mlp

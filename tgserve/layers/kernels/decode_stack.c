@@ -1,5 +1,5 @@
 /* A Llama-family decoder's whole stack of layers for one decode step of a few sequences, bf16, on
- * CPUs with AVX-512 BF16: one call instead of ~40 PyTorch ops and Python calls per layer, which at
+ * CPUs with AVX-512 BF16 (or AVX2, where every linear has panels): one call instead of ~40 PyTorch ops and Python calls per layer, which at
  * one to four rows cost as much as the matmuls themselves. It composes the kernels the layers use
  * on their own, in the same order and with the same rounding, so the result is bit for bit that
  * of the layer-by-layer path (tests/layers/test_decode_stack.py):

@@ -112,6 +112,10 @@ DEFINE_ROTARY(rotary_bf16_generic, uint16_t, BF16_IN, BF16_ROUND, BF16_OUT)
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include "avx512_bf16.h"
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "avx2_bf16.h"
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
 /* The same bf16 rotary, 16 lanes at a time, for head_dim a multiple of 32: each product and the
  * sum rounded to bf16 with vcvtneps2bf16 (round to nearest even, as the scalar formula), so the
  * same bits for finite inputs. The generic loop above did not vectorise (its rounding is integer
@@ -157,7 +161,8 @@ void rotary_bf16(const uint16_t* q, int64_t q_stride, const uint16_t* k, int64_t
 DEFINE_SILU_MUL(silu_mul_bf16_generic, uint16_t, BF16_IN, BF16_ROUND, BF16_OUT)
 
 /* On AVX-512 BF16 builds every width runs the vector form (avx512_bf16.h's exp, masked at a row's
- * end): the GEMM that fuses this pass (gemm_panel_silu_bf16) computes the same bits with it. */
+ * end), on AVX2 builds avx2_bf16.h's 8-lane twin: the GEMM that fuses this pass
+ * (gemm_panel_silu_bf16) computes the same bits with it. */
 void silu_mul_bf16(const uint16_t* x, uint16_t* out, int64_t rows, int64_t width) {
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
     #pragma omp parallel for schedule(static)
@@ -172,6 +177,24 @@ void silu_mul_bf16(const uint16_t* x, uint16_t* out, int64_t rows, int64_t width
             const __m512 u = _mm512_castsi512_ps(_mm512_slli_epi32(
                 _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(keep, up + i)), 16));
             _mm256_mask_storeu_epi16(o + i, keep, (__m256i)_mm512_cvtneps_pbh(silu_mul_ps(g, u)));
+        }
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    #pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t* gate = x + r * 2 * width;
+        const uint16_t* up = gate + width;
+        uint16_t* o = out + r * width;
+        for (int64_t i = 0; i < width; i += 8) {
+            if (width - i >= 8) {
+                _mm_storeu_si128((__m128i*)(o + i), bf16x8_out(silu_mul8(bf16x8_in(gate + i), bf16x8_in(up + i))));
+            } else {  /* a row's last few values, through a full vector of 8 */
+                uint16_t g8[8] = {0}, u8[8] = {0}, o8[8];
+                memcpy(g8, gate + i, sizeof(uint16_t) * (width - i));
+                memcpy(u8, up + i, sizeof(uint16_t) * (width - i));
+                _mm_storeu_si128((__m128i*)o8, bf16x8_out(silu_mul8(bf16x8_in(g8), bf16x8_in(u8))));
+                memcpy(o + i, o8, sizeof(uint16_t) * (width - i));
+            }
         }
     }
 #else

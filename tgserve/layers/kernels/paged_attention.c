@@ -206,25 +206,20 @@ void paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_
         free(scores);
     }
 }
-#else
-void paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
-                       const int64_t* block_tables, const int64_t* seq_lens, uint16_t* out, int num_seqs,
-                       int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale) {
-    paged_decode_bf16_generic(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads,
-                              num_kv_heads, head_dim, block_size, max_blocks, scale);
-}
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
+#include "avx2_bf16.h"
 
-/* float32 with AVX2 and FMA, for head_dim a multiple of 8 (up to 256) and up to 16 query heads per kv
- * head: the bf16 kernel's plan (one task per (sequence, kv head), keys then values streamed once,
- * blocks fetched ahead) in 8-wide float32 vectors. Same results as the generic loop up to the order
- * of float32 sums. */
-#define F32_MAX_GROUP 16
-#define F32_PREFETCH 8  /* tokens ahead */
-#define F32_EARLY_VALUES_BYTES (256 * 1024)
+/* AVX2 and FMA, float32 caches (and bf16 ones on CPUs without AVX-512 BF16), for head_dim a multiple
+ * of 8 (up to 256) and up to 16 query heads per kv head: the AVX-512 bf16 kernel's plan (one task
+ * per (sequence, kv head), keys then values streamed once, blocks fetched ahead) in 8-wide float32
+ * vectors, bf16 values widened as they load. Same results as the generic loop up to the order of
+ * float32 sums (and bf16's output rounding). */
+#define AVX2_MAX_GROUP 16
+#define AVX2_PREFETCH 8  /* tokens ahead */
+#define AVX2_EARLY_VALUES_BYTES (256 * 1024)
 
 static inline float hsum8_attn(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -233,31 +228,36 @@ static inline float hsum8_attn(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-static inline __attribute__((always_inline)) void decode_task_f32(
-        const float* q, const float* k_cache, const float* v_cache, const int64_t* table, int64_t len, float* out,
-        int g, int group, int num_kv_heads, int head_dim, int block_size, float scale, float* scores) {
+/* 8 values at element offset i of a float32 (bf16 = 0) or bf16 (bf16 = 1) array, as float32 */
+static inline __attribute__((always_inline)) __m256 load8(const void* base, int64_t i, const int bf16) {
+    return bf16 ? bf16x8_in((const uint16_t*)base + i) : _mm256_loadu_ps((const float*)base + i);
+}
+
+static inline __attribute__((always_inline)) void decode_task_avx2(
+        const int bf16, const void* q, const void* k_cache, const void* v_cache, const int64_t* table, int64_t len,
+        void* out, int g, int group, int num_kv_heads, int head_dim, int block_size, float scale, float* scores) {
     const int64_t row = (int64_t)num_kv_heads * head_dim;
-    const int vecs = head_dim / 8;
+    const int esize = bf16 ? 2 : 4, vecs = head_dim / 8;
+    const char *kc = (const char*)k_cache, *vc = (const char*)v_cache;
     int64_t* slot = (int64_t*)(scores + (int64_t)group * len);
     for (int64_t b = 0, t = 0; t < len; b++)
         for (int64_t i = 0; i < block_size && t < len; i++, t++) slot[t] = (table[b] * block_size + i) * row + g * head_dim;
-    const float* qg = q + (int64_t)g * group * head_dim;  /* this kv head's query heads, one after another */
-    const int early_values = len * head_dim * (int64_t)sizeof(float) <= F32_EARLY_VALUES_BYTES;
+    const int64_t q0 = (int64_t)g * group * head_dim;  /* this kv head's query heads, one after another */
+    const int early_values = len * head_dim * (int64_t)esize <= AVX2_EARLY_VALUES_BYTES;
     for (int64_t t = 0; t < len; t++) {
-        const float* k = k_cache + slot[t];
-        if (t + F32_PREFETCH < len)
-            for (int c = 0; c < vecs; c += 2) _mm_prefetch((const char*)(k_cache + slot[t + F32_PREFETCH] + c * 8), _MM_HINT_T1);
+        if (t + AVX2_PREFETCH < len)
+            for (int c = 0; c < head_dim * esize; c += 64) _mm_prefetch(kc + slot[t + AVX2_PREFETCH] * esize + c, _MM_HINT_T1);
         if (early_values)
-            for (int c = 0; c < vecs; c += 2) _mm_prefetch((const char*)(v_cache + slot[t] + c * 8), _MM_HINT_T1);
+            for (int c = 0; c < head_dim * esize; c += 64) _mm_prefetch(vc + slot[t] * esize + c, _MM_HINT_T1);
         for (int j = 0; j < group; j++) {
-            const float* qj = qg + (int64_t)j * head_dim;
+            const int64_t qj = q0 + (int64_t)j * head_dim;
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
             int c = 0;
             for (; c + 2 <= vecs; c += 2) {
-                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + c * 8), _mm256_loadu_ps(k + c * 8), a0);
-                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + c * 8 + 8), _mm256_loadu_ps(k + c * 8 + 8), a1);
+                a0 = _mm256_fmadd_ps(load8(q, qj + c * 8, bf16), load8(k_cache, slot[t] + c * 8, bf16), a0);
+                a1 = _mm256_fmadd_ps(load8(q, qj + c * 8 + 8, bf16), load8(k_cache, slot[t] + c * 8 + 8, bf16), a1);
             }
-            if (c < vecs) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + c * 8), _mm256_loadu_ps(k + c * 8), a0);
+            if (c < vecs) a0 = _mm256_fmadd_ps(load8(q, qj + c * 8, bf16), load8(k_cache, slot[t] + c * 8, bf16), a0);
             scores[j * len + t] = hsum8_attn(_mm256_add_ps(a0, a1)) * scale;
         }
     }
@@ -273,42 +273,43 @@ static inline __attribute__((always_inline)) void decode_task_f32(
     /* out_j = sum_t p[j, t] v_t, 32 values of the head at a time (4 registers per query head) */
     for (int d0 = 0; d0 < head_dim; d0 += 32) {
         const int parts = head_dim - d0 >= 32 ? 4 : (head_dim - d0) / 8;
-        __m256 acc[F32_MAX_GROUP][4];
+        __m256 acc[AVX2_MAX_GROUP][4];
         for (int j = 0; j < group; j++)
             for (int p = 0; p < parts; p++) acc[j][p] = _mm256_setzero_ps();
         for (int64_t t = 0; t < len; t++) {
-            const float* v = v_cache + slot[t] + d0;
-            if (t + F32_PREFETCH < len) _mm_prefetch((const char*)(v_cache + slot[t + F32_PREFETCH] + d0), _MM_HINT_T0);
+            if (t + AVX2_PREFETCH < len) _mm_prefetch(vc + (slot[t + AVX2_PREFETCH] + d0) * esize, _MM_HINT_T0);
+            __m256 v[4];
+            for (int p = 0; p < parts; p++) v[p] = load8(v_cache, slot[t] + d0 + p * 8, bf16);
             for (int j = 0; j < group; j++) {
                 const __m256 pj = _mm256_set1_ps(scores[j * len + t]);
-                for (int p = 0; p < parts; p++) acc[j][p] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + p * 8), acc[j][p]);
+                for (int p = 0; p < parts; p++) acc[j][p] = _mm256_fmadd_ps(pj, v[p], acc[j][p]);
             }
         }
         for (int j = 0; j < group; j++)
-            for (int p = 0; p < parts; p++) _mm256_storeu_ps(out + (int64_t)(g * group + j) * head_dim + d0 + p * 8, acc[j][p]);
+            for (int p = 0; p < parts; p++) {
+                const int64_t at = (int64_t)(g * group + j) * head_dim + d0 + p * 8;
+                if (bf16) _mm_storeu_si128((__m128i*)((uint16_t*)out + at), bf16x8_out(acc[j][p]));
+                else _mm256_storeu_ps((float*)out + at, acc[j][p]);
+            }
     }
 }
 
-void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache, const int64_t* block_tables,
-                      const int64_t* seq_lens, float* out, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
-                      int block_size, int max_blocks, float scale) {
-    const int group = num_heads / num_kv_heads;
-    if (head_dim % 8 != 0 || head_dim > 256 || group > F32_MAX_GROUP) {
-        paged_decode_f32_generic(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads, num_kv_heads,
-                                 head_dim, block_size, max_blocks, scale);
-        return;
-    }
+static inline __attribute__((always_inline)) void paged_decode_avx2(
+        const int bf16, const void* q, const void* k_cache, const void* v_cache, const int64_t* block_tables,
+        const int64_t* seq_lens, void* out, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+        int block_size, int max_blocks, float scale) {
+    const int group = num_heads / num_kv_heads, esize = bf16 ? 2 : 4;
     const int tasks = num_seqs * num_kv_heads;
     #pragma omp parallel for schedule(dynamic, 1)
     for (int task = 0; task < tasks; task++) {
         const int s = task / num_kv_heads, g = task % num_kv_heads;
         const int64_t len = seq_lens[s];
         float* scores = malloc((sizeof(float) * group + sizeof(int64_t)) * len);
-        const float* qs = q + (int64_t)s * num_heads * head_dim;
+        const char* qs = (const char*)q + (int64_t)s * num_heads * head_dim * esize;
         const int64_t* table = block_tables + (int64_t)s * max_blocks;
-        float* os = out + (int64_t)s * num_heads * head_dim;
-#define TASK(GROUP, DIM) decode_task_f32(qs, k_cache, v_cache, table, len, os, g, GROUP, num_kv_heads, DIM, \
-                                         block_size, scale, scores)
+        char* os = (char*)out + (int64_t)s * num_heads * head_dim * esize;
+#define TASK(GROUP, DIM) decode_task_avx2(bf16, qs, k_cache, v_cache, table, len, os, g, GROUP, num_kv_heads, DIM, \
+                                          block_size, scale, scores)
         if (head_dim == 64 && group == 1) TASK(1, 64);
         else if (head_dim == 64 && group == 3) TASK(3, 64);
         else if (head_dim == 64 && group == 4) TASK(4, 64);
@@ -320,11 +321,43 @@ void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache
         free(scores);
     }
 }
+
+static int avx2_takes(int num_heads, int num_kv_heads, int head_dim) {
+    return head_dim % 8 == 0 && head_dim <= 256 && num_heads / num_kv_heads <= AVX2_MAX_GROUP;
+}
+
+void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache, const int64_t* block_tables,
+                      const int64_t* seq_lens, float* out, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
+                      int block_size, int max_blocks, float scale) {
+    if (avx2_takes(num_heads, num_kv_heads, head_dim))
+        paged_decode_avx2(0, q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads, num_kv_heads,
+                          head_dim, block_size, max_blocks, scale);
+    else
+        paged_decode_f32_generic(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads, num_kv_heads,
+                                 head_dim, block_size, max_blocks, scale);
+}
 #else
 void paged_decode_f32(const float* q, const float* k_cache, const float* v_cache, const int64_t* block_tables,
                       const int64_t* seq_lens, float* out, int num_seqs, int num_heads, int num_kv_heads, int head_dim,
                       int block_size, int max_blocks, float scale) {
     paged_decode_f32_generic(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads, num_kv_heads,
                              head_dim, block_size, max_blocks, scale);
+}
+#endif
+
+#if !(defined(__AVX512BF16__) && defined(__AVX512F__))
+/* bf16 without AVX-512 BF16: the AVX2 kernel above where it takes the shape, else the generic loop */
+void paged_decode_bf16(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                       const int64_t* block_tables, const int64_t* seq_lens, uint16_t* out, int num_seqs,
+                       int num_heads, int num_kv_heads, int head_dim, int block_size, int max_blocks, float scale) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (avx2_takes(num_heads, num_kv_heads, head_dim)) {
+        paged_decode_avx2(1, q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads, num_kv_heads,
+                          head_dim, block_size, max_blocks, scale);
+        return;
+    }
+#endif
+    paged_decode_bf16_generic(q, k_cache, v_cache, block_tables, seq_lens, out, num_seqs, num_heads,
+                              num_kv_heads, head_dim, block_size, max_blocks, scale);
 }
 #endif
