@@ -242,7 +242,10 @@ static inline __attribute__((always_inline)) void decode_task_avx2(
     int64_t* slot = (int64_t*)(scores + (int64_t)group * len);
     for (int64_t b = 0, t = 0; t < len; b++)
         for (int64_t i = 0; i < block_size && t < len; i++, t++) slot[t] = (table[b] * block_size + i) * row + g * head_dim;
-    const int64_t q0 = (int64_t)g * group * head_dim;  /* this kv head's query heads, one after another */
+    /* this kv head's query heads, one after another, as float32 (widened once, not per key) */
+    float* qf = (float*)(slot + len);
+    for (int j = 0; j < group * head_dim; j += 8)
+        _mm256_storeu_ps(qf + j, load8(q, (int64_t)g * group * head_dim + j, bf16));
     const int early_values = len * head_dim * (int64_t)esize <= AVX2_EARLY_VALUES_BYTES;
     for (int64_t t = 0; t < len; t++) {
         if (t + AVX2_PREFETCH < len)
@@ -250,14 +253,14 @@ static inline __attribute__((always_inline)) void decode_task_avx2(
         if (early_values)
             for (int c = 0; c < head_dim * esize; c += 64) _mm_prefetch(vc + slot[t] * esize + c, _MM_HINT_T1);
         for (int j = 0; j < group; j++) {
-            const int64_t qj = q0 + (int64_t)j * head_dim;
+            const float* qj = qf + (int64_t)j * head_dim;
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
             int c = 0;
             for (; c + 2 <= vecs; c += 2) {
-                a0 = _mm256_fmadd_ps(load8(q, qj + c * 8, bf16), load8(k_cache, slot[t] + c * 8, bf16), a0);
-                a1 = _mm256_fmadd_ps(load8(q, qj + c * 8 + 8, bf16), load8(k_cache, slot[t] + c * 8 + 8, bf16), a1);
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + c * 8), load8(k_cache, slot[t] + c * 8, bf16), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + c * 8 + 8), load8(k_cache, slot[t] + c * 8 + 8, bf16), a1);
             }
-            if (c < vecs) a0 = _mm256_fmadd_ps(load8(q, qj + c * 8, bf16), load8(k_cache, slot[t] + c * 8, bf16), a0);
+            if (c < vecs) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qj + c * 8), load8(k_cache, slot[t] + c * 8, bf16), a0);
             scores[j * len + t] = hsum8_attn(_mm256_add_ps(a0, a1)) * scale;
         }
     }
@@ -304,7 +307,8 @@ static inline __attribute__((always_inline)) void paged_decode_avx2(
     for (int task = 0; task < tasks; task++) {
         const int s = task / num_kv_heads, g = task % num_kv_heads;
         const int64_t len = seq_lens[s];
-        float* scores = malloc((sizeof(float) * group + sizeof(int64_t)) * len);
+        /* scores [group, len], token offsets [len], the group's queries as float32 [group, head_dim] */
+        float* scores = malloc((sizeof(float) * group + sizeof(int64_t)) * len + sizeof(float) * group * head_dim);
         const char* qs = (const char*)q + (int64_t)s * num_heads * head_dim * esize;
         const int64_t* table = block_tables + (int64_t)s * max_blocks;
         char* os = (char*)out + (int64_t)s * num_heads * head_dim * esize;
