@@ -269,15 +269,14 @@ static void panel_task(const float* xf, int rows, int k, const uint16_t* panel, 
     }
 }
 
-/* x as float32 (bf16 values widened), m x k, for the tasks to read */
-static float* widen_input(const uint16_t* x, int m, int k) {
-    float* xf = malloc(sizeof(float) * (size_t)m * k);
-    #pragma omp parallel for schedule(static)
+/* x as float32 (bf16 values widened), m x k, for the tasks to read: called by every thread of the
+ * GEMM's parallel region (one region per call: waking the threads twice cost more than this loop) */
+static void widen_input(const uint16_t* x, float* xf, int m, int k) {
+    #pragma omp for schedule(static)
     for (int64_t i = 0; i < (int64_t)m * k; i++) {
         const uint32_t u = (uint32_t)x[i] << 16;
         memcpy(xf + i, &u, 4);
     }
-    return xf;
 }
 
 /* one task's sums (+ bias) into y's rows m0.. and columns col0..col0+63, bf16 or (f32) float32 */
@@ -295,9 +294,10 @@ static void store_sums(const float* sums, int rows, const uint16_t* bias, void* 
 static void gemm_panel(const uint16_t* x, const uint16_t* panels, const uint16_t* bias, void* y, int m, int n, int k,
                        int f32) {
     const int pairs = k / 2, num_panels = n / 64, blocks = (m + MB - 1) / MB;
-    float* xf = widen_input(x, m, k);
+    float* xf = malloc(sizeof(float) * (size_t)m * k);
     #pragma omp parallel
     {
+        widen_input(x, xf, m, k);
         float* wf = malloc(sizeof(float) * (KC * 128 + MB * 64));
         float* sums = wf + KC * 128;
         #pragma omp for schedule(static) collapse(2)
@@ -327,9 +327,10 @@ void gemm_panel_bf16_f32(const uint16_t* x, const uint16_t* panels, const uint16
 void gemm_panel_silu_bf16(const uint16_t* x, const uint16_t* panels, uint16_t* scratch, uint16_t* y, int m, int n,
                           int k) {
     const int pairs = k / 2, width = n / 2, half_panels = width / 64, blocks = (m + MB - 1) / MB;
-    float* xf = widen_input(x, m, k);
+    float* xf = malloc(sizeof(float) * (size_t)m * k);
     #pragma omp parallel
     {
+        widen_input(x, xf, m, k);
         float* wf = malloc(sizeof(float) * (KC * 128 + MB * 64));
         float* sums = wf + KC * 128;
         #pragma omp for schedule(static) collapse(2) nowait
