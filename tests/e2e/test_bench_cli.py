@@ -217,6 +217,7 @@ def test_the_gpu_check_runs_its_plumbing_on_the_cpu(tmp_path):
     assert equality["equal_graphs"] == equality["equal_eager"] == equality["sequences"] == 6
     for mode in ("graphs", "eager"):
         assert figures[mode]["one_stream_ms"] > 0 and figures[mode]["many_streams_tok_s"] > 0
+    assert 0 < figures["graphs"]["one_stream_replay_ms"] and "one_stream_replay_ms" not in figures["eager"]
     assert figures["streams"] == 4
     assert "greedy float32 vs transformers: 6/6 sequences equal with CUDA graphs, 6/6 eager" in run.stdout
 
