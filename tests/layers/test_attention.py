@@ -279,6 +279,31 @@ def test_native_decode_kernel_matches_the_torch_path_in_half_precision(dtype, de
         torch.testing.assert_close(native[row].float().reshape(1, -1), expected, atol=2e-2, rtol=2e-2)
 
 
+def check_native_decode_kernel(dtype, head_dim, heads, kv_heads, num_seqs, lens, seed, per_seq, reference_dtype,
+                               tolerance):
+    """The native decode kernel against SDPA in reference_dtype, over 200 blocks of 16 in random order."""
+    from tgserve.layers import cpu_kernels
+
+    g = torch.Generator().manual_seed(seed)
+    block, blocks = 16, 200
+    k_cache = torch.randn(blocks, block, kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(blocks, block, kv_heads, head_dim, generator=g).to(dtype)
+    lens = torch.tensor(lens, dtype=torch.long)
+    table = (torch.randperm(blocks - 1, generator=g)[:num_seqs * per_seq] + 1).view(num_seqs, per_seq)
+    q = torch.randn(num_seqs, heads, head_dim, generator=g).to(dtype)
+    scale = head_dim ** -0.5
+    native = cpu_kernels.paged_decode(q, k_cache, v_cache, table, lens, scale)
+    if native is None:
+        pytest.skip("no native kernels here")
+    for row in range(num_seqs):
+        slots = (table[row][:, None] * block + torch.arange(block)).view(-1)[: lens[row]]
+        k = k_cache.view(-1, kv_heads, head_dim)[slots].to(reference_dtype).transpose(0, 1)
+        v = v_cache.view(-1, kv_heads, head_dim)[slots].to(reference_dtype).transpose(0, 1)
+        expected = F.scaled_dot_product_attention(q[row].to(reference_dtype)[:, None], k, v, scale=scale,
+                                                  enable_gqa=heads != kv_heads)[:, 0]
+        torch.testing.assert_close(native[row].to(reference_dtype), expected, atol=tolerance, rtol=tolerance)
+
+
 @pytest.mark.parametrize("num_seqs", [4, 12])
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (128, 8, 2), (32, 4, 4), (96, 6, 1), (40, 4, 2)])
 def test_native_bf16_decode_kernel_at_model_shapes(head_dim, heads, kv_heads, num_seqs):
@@ -286,50 +311,13 @@ def test_native_bf16_decode_kernel_at_model_shapes(head_dim, heads, kv_heads, nu
     per kv head, 128, ...; a few sequences split by kv head, or many, one task each) and its generic
     path (40) against float32 attention, over blocks in random order and lengths that end inside a
     block, some longer than the kernel's prefetch reach."""
-    from tgserve.layers import cpu_kernels
-
-    g = torch.Generator().manual_seed(5)
-    block, blocks, per_seq = 16, 200, 7
-    k_cache = torch.randn(blocks, block, kv_heads, head_dim, generator=g).to(torch.bfloat16)
-    v_cache = torch.randn(blocks, block, kv_heads, head_dim, generator=g).to(torch.bfloat16)
-    lens = torch.tensor([1, 17, 100, 3] * (num_seqs // 4), dtype=torch.long)
-    table = (torch.randperm(blocks - 1, generator=g)[:num_seqs * per_seq] + 1).view(num_seqs, per_seq)
-    q = torch.randn(num_seqs, heads, head_dim, generator=g).to(torch.bfloat16)
-    scale = head_dim ** -0.5
-    native = cpu_kernels.paged_decode(q, k_cache, v_cache, table, lens, scale)
-    if native is None:
-        pytest.skip("no native kernels here")
-    for row in range(num_seqs):
-        slots = (table[row][:, None] * block + torch.arange(block)).view(-1)[: lens[row]]
-        k = k_cache.view(-1, kv_heads, head_dim)[slots].float().transpose(0, 1)
-        v = v_cache.view(-1, kv_heads, head_dim)[slots].float().transpose(0, 1)
-        expected = F.scaled_dot_product_attention(q[row].float()[:, None], k, v, scale=scale,
-                                                  enable_gqa=heads != kv_heads)[:, 0]
-        torch.testing.assert_close(native[row].float(), expected, atol=1e-2, rtol=1e-2)
+    check_native_decode_kernel(torch.bfloat16, head_dim, heads, kv_heads, num_seqs, [1, 17, 100, 3] * (num_seqs // 4),
+                               seed=5, per_seq=7, reference_dtype=torch.float32, tolerance=1e-2)
 
 
 @pytest.mark.parametrize("head_dim,heads,kv_heads", [(64, 9, 3), (128, 32, 8), (24, 8, 8), (40, 6, 1), (20, 4, 2)])
 def test_native_float32_decode_kernel_at_model_shapes(head_dim, heads, kv_heads):
     """The float32 kernel's AVX2 path (head_dim a multiple of 8: 64, 128, 24, 40 — a head in 32-value
-    slices and a remainder) and its generic path (20) against float64 attention, over blocks in
-    random order, lengths that end inside a block and reach past the prefetch distance."""
-    from tgserve.layers import cpu_kernels
-
-    g = torch.Generator().manual_seed(6)
-    block, blocks, per_seq, num_seqs = 16, 200, 8, 8
-    k_cache = torch.randn(blocks, block, kv_heads, head_dim, generator=g)
-    v_cache = torch.randn(blocks, block, kv_heads, head_dim, generator=g)
-    lens = torch.tensor([1, 17, 100, 3, 128, 9, 33, 64], dtype=torch.long)
-    table = (torch.randperm(blocks - 1, generator=g)[:num_seqs * per_seq] + 1).view(num_seqs, per_seq)
-    q = torch.randn(num_seqs, heads, head_dim, generator=g)
-    scale = head_dim ** -0.5
-    native = cpu_kernels.paged_decode(q, k_cache, v_cache, table, lens, scale)
-    if native is None:
-        pytest.skip("no native kernels here")
-    for row in range(num_seqs):
-        slots = (table[row][:, None] * block + torch.arange(block)).view(-1)[: lens[row]]
-        k = k_cache.view(-1, kv_heads, head_dim)[slots].double().transpose(0, 1)
-        v = v_cache.view(-1, kv_heads, head_dim)[slots].double().transpose(0, 1)
-        expected = F.scaled_dot_product_attention(q[row].double()[:, None], k, v, scale=scale,
-                                                  enable_gqa=heads != kv_heads)[:, 0]
-        torch.testing.assert_close(native[row].double(), expected, atol=1e-5, rtol=1e-5)
+    slices and a remainder) and its generic path (20) against float64 attention."""
+    check_native_decode_kernel(torch.float32, head_dim, heads, kv_heads, 8, [1, 17, 100, 3, 128, 9, 33, 64],
+                               seed=6, per_seq=8, reference_dtype=torch.float64, tolerance=1e-5)

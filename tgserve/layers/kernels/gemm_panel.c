@@ -75,16 +75,6 @@ static inline __attribute__((always_inline)) void gemm_panel(const uint16_t* x, 
     }
 }
 
-void gemm_panel_bf16(const uint16_t* x, const uint16_t* panels, const uint16_t* bias, uint16_t* y, int m, int n,
-                     int k) {
-    gemm_panel(x, panels, bias, y, m, n, k, 0);
-}
-
-void gemm_panel_bf16_f32(const uint16_t* x, const uint16_t* panels, const uint16_t* bias, float* y, int m, int n,
-                         int k) {
-    gemm_panel(x, panels, bias, y, m, n, k, 1);
-}
-
 /* A fused [gate | up] projection (n = 2 * width outputs, no bias) and silu(gate) * up after it:
  * y[m, width]; the projection goes to `scratch` [m, n]. Each thread computes a gate tile and the
  * matching up tile (panels p and p + width / 64), then, after all its tiles, the SiLU over exactly
@@ -312,16 +302,6 @@ static void gemm_panel(const uint16_t* x, const uint16_t* panels, const uint16_t
     free(xf);
 }
 
-void gemm_panel_bf16(const uint16_t* x, const uint16_t* panels, const uint16_t* bias, uint16_t* y, int m, int n,
-                     int k) {
-    gemm_panel(x, panels, bias, y, m, n, k, 0);
-}
-
-void gemm_panel_bf16_f32(const uint16_t* x, const uint16_t* panels, const uint16_t* bias, float* y, int m, int n,
-                         int k) {
-    gemm_panel(x, panels, bias, y, m, n, k, 1);
-}
-
 /* The fused [gate | up] projection and its SiLU, as the AVX-512 kernel does it (each thread's own
  * tiles, then the SiLU over exactly those): the bits of gemm_panel_bf16 then silu_mul_bf16. */
 void gemm_panel_silu_bf16(const uint16_t* x, const uint16_t* panels, uint16_t* scratch, uint16_t* y, int m, int n,
@@ -366,4 +346,17 @@ void gemm_panel_silu_bf16(const uint16_t* x, const uint16_t* panels, uint16_t* s
                           int k) { (void)x; (void)panels; (void)scratch; (void)y; (void)m; (void)n; (void)k; }
 void gemm_panel_bf16_f32(const uint16_t* x, const uint16_t* panels, const uint16_t* bias, float* y, int m, int n,
                          int k) { (void)x; (void)panels; (void)bias; (void)y; (void)m; (void)n; (void)k; }
+#endif
+
+#if (defined(__AVX512BF16__) && defined(__AVX512F__)) || (defined(__AVX2__) && defined(__FMA__))
+/* either build's gemm_panel: bf16 out, or float32 out holding the bf16-rounded values */
+void gemm_panel_bf16(const uint16_t* x, const uint16_t* panels, const uint16_t* bias, uint16_t* y, int m, int n,
+                     int k) {
+    gemm_panel(x, panels, bias, y, m, n, k, 0);
+}
+
+void gemm_panel_bf16_f32(const uint16_t* x, const uint16_t* panels, const uint16_t* bias, float* y, int m, int n,
+                         int k) {
+    gemm_panel(x, panels, bias, y, m, n, k, 1);
+}
 #endif

@@ -76,6 +76,19 @@ void NAME(const T* q, const T* k_cache, const T* v_cache, const int64_t* block_t
     }                                                                                                \
 }
 
+/* each of `rows` rows of `len` scores replaced by its softmax (the vector kernels' shared step) */
+static inline void softmax_rows(float* scores, int rows, int64_t len) {
+    for (int j = 0; j < rows; j++) {
+        float* sj = scores + j * len;
+        float mx = sj[0];
+        for (int64_t t = 1; t < len; t++) mx = sj[t] > mx ? sj[t] : mx;
+        float sum = 0.f;
+        for (int64_t t = 0; t < len; t++) { sj[t] = expf(sj[t] - mx); sum += sj[t]; }
+        const float inv = 1.f / sum;
+        for (int64_t t = 0; t < len; t++) sj[t] *= inv;
+    }
+}
+
 #define F32_LOAD(x) (x)
 #define F32_STORE(x) (x)
 #define BF16_LOAD(x) bf16_to_f32(x)
@@ -137,15 +150,7 @@ static inline __attribute__((always_inline)) void decode_task_bf16(
             scores[j * len + t] = hsum(acc) * scale;
         }
     }
-    for (int j = 0; j < group; j++) {
-        float* sj = scores + j * len;
-        float mx = sj[0];
-        for (int64_t t = 1; t < len; t++) mx = sj[t] > mx ? sj[t] : mx;
-        float sum = 0.f;
-        for (int64_t t = 0; t < len; t++) { sj[t] = expf(sj[t] - mx); sum += sj[t]; }
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < len; t++) sj[t] *= inv;
-    }
+    softmax_rows(scores, group, len);
     /* out_j = sum_t p[j, t] v_t, 64 values of the head at a time (4 registers per query head) */
     for (int d0 = 0; d0 < head_dim; d0 += 64) {
         __m512 acc[MAX_GROUP][4];
@@ -264,15 +269,7 @@ static inline __attribute__((always_inline)) void decode_task_avx2(
             scores[j * len + t] = hsum8_attn(_mm256_add_ps(a0, a1)) * scale;
         }
     }
-    for (int j = 0; j < group; j++) {
-        float* sj = scores + j * len;
-        float mx = sj[0];
-        for (int64_t t = 1; t < len; t++) mx = sj[t] > mx ? sj[t] : mx;
-        float sum = 0.f;
-        for (int64_t t = 0; t < len; t++) { sj[t] = expf(sj[t] - mx); sum += sj[t]; }
-        const float inv = 1.f / sum;
-        for (int64_t t = 0; t < len; t++) sj[t] *= inv;
-    }
+    softmax_rows(scores, group, len);
     /* out_j = sum_t p[j, t] v_t, 32 values of the head at a time (4 registers per query head) */
     for (int d0 = 0; d0 < head_dim; d0 += 32) {
         const int parts = head_dim - d0 >= 32 ? 4 : (head_dim - d0) / 8;
