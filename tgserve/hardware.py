@@ -15,8 +15,8 @@ def default_device() -> str:
 def cpu_has_fast_bf16() -> bool:
     """bf16 runs fast with native instructions (AVX-512 BF16 or AMX: oneDNN's and our kernels), and
     with our native kernels on CPUs with AVX2 and FMA (e.g. AMD Zen 3): their panel GEMM widens bf16
-    weights in registers, reading half a float32 weight's bytes — one stream decodes ~2.9x faster
-    than in float32 and 64 streams ~10% faster, a 500-token prefill ~13% slower (measured with the
+    weights in registers, reading half a float32 weight's bytes — one stream decodes ~2.8x faster
+    than in float32 and 64 streams ~10% faster, a 500-token prefill ~15-25% slower (measured with the
     kernels built for Zen 3 and PyTorch held to AVX2, README). Else bf16 is emulated: float32."""
     try:
         with open("/proc/cpuinfo") as f:
