@@ -107,7 +107,7 @@ def check_equality(device: torch.device, sync, graph_sizes: tuple[int, ...]) -> 
     prompts = [torch.randint(2, SMALL["vocab_size"], (n,), generator=generator).tolist() for n in (5, 23, 1, 64, 17, 40)]
     new_tokens = 24
     got = {mode: run(engine(model, torch.float32, device, len(prompts) * 128, 512, sizes), prompts, new_tokens, sync)[0]
-           for mode, sizes in (("graphs", graph_sizes), ("eager", ()))}
+           for mode, sizes in (("eager", ()), ("graphs", graph_sizes))}
     expected = []
     with torch.inference_mode():
         for p in prompts:  # one at a time: no padding in the reference
@@ -156,7 +156,9 @@ def replay_seconds(graphs, batch: int, sync, times: int = 20) -> float:
 
 
 def speed(device: torch.device, sync, shape: str, dtype: torch.dtype, streams: int, new_tokens: int,
-          graph_sizes: tuple[int, ...]) -> dict:
+          graph_sizes: tuple[int, ...], report) -> dict:
+    """The model's figures, then each mode's (eager first: a capture that breaks the device cannot
+    take the eager figures with it); `report(figures)` after each, so a crash keeps what was measured."""
     from tgserve.models.registry import build_model
 
     max_len = 1024
@@ -178,7 +180,7 @@ def speed(device: torch.device, sync, shape: str, dtype: torch.dtype, streams: i
     roofline_ms = 1000 * weight_bytes / bandwidth
     figures = {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "weight_gb": weight_bytes / 1e9,
                "copy_bandwidth_gb_s": bandwidth / 1e9, "roofline_ms": roofline_ms, "streams": streams}
-    for mode, sizes in (("graphs", graph_sizes), ("eager", ())):
+    for mode, sizes in (("eager", ()), ("graphs", graph_sizes)):
         core = engine(model, dtype, device, streams * (32 + new_tokens) + 64, max_len, sizes)
         run(core, prompt[:1], 4, sync)  # warm-up (and the graphs' captures)
         run(core, prompt, 3, sync)
@@ -190,7 +192,10 @@ def speed(device: torch.device, sync, shape: str, dtype: torch.dtype, streams: i
         graphs = core.runner.graphs
         if graphs is not None:  # a one-row step's device work alone: the rest of a step is the host's
             figures[mode]["one_stream_replay_ms"] = 1000 * replay_seconds(graphs, 1, sync)
+            figures[mode]["graph_shapes"] = sorted(graphs.graphs)  # (batch, block-table width)
+            figures[mode]["graphs_off_because"] = graphs.disabled
         del core
+        report(figures, mode)
     return figures
 
 
@@ -213,26 +218,36 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"tgserve GPU check on {name}", flush=True)
     start = time.perf_counter()
-    equality = check_equality(device, sync, graph_sizes)
+    result = {"device": name}
+
+    def dump() -> None:
+        with open(args.output, "w") as f:
+            json.dump({**result, "seconds": time.perf_counter() - start}, f, indent=2)
+
+    equality = result["equality"] = check_equality(device, sync, graph_sizes)
+    dump()
     print(f"greedy float32 vs transformers: {equality['equal_graphs']}/{equality['sequences']} sequences equal "
           f"with CUDA graphs, {equality['equal_eager']}/{equality['sequences']} eager "
           f"({equality['new_tokens']} tokens each)", flush=True)
-    figures = speed(device, sync, args.shape, getattr(torch, args.dtype), args.streams, args.new_tokens, graph_sizes)
     print(f"\n| device | shape | weights | copy bandwidth | steps | 1 stream | roofline | share "
-          f"| {args.streams} streams |\n|---|---|---|---|---|---|---|---|---|")
-    for mode in ("graphs", "eager"):
+          f"| {args.streams} streams |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+
+    def report(figures: dict, mode: str) -> None:  # each mode's line as soon as it is measured
+        result.update(figures)
+        dump()
         f = figures[mode]
         replay = f" (replay {f['one_stream_replay_ms']:.2f})" if "one_stream_replay_ms" in f else ""
         print(f"| {name} | {figures['shape']} {figures['dtype']} | {figures['weight_gb']:.1f} GB | "
               f"{figures['copy_bandwidth_gb_s']:.0f} GB/s | {mode} | {f['one_stream_ms']:.2f} ms/token{replay} | "
               f"{figures['roofline_ms']:.2f} ms | {100 * f['roofline_share']:.0f}% | "
-              f"{f['many_streams_tok_s']:.0f} tok/s |")
-    with open(args.output, "w") as f:
-        json.dump({"device": name, "equality": equality, **figures,
-                   "seconds": time.perf_counter() - start}, f, indent=2)
+              f"{f['many_streams_tok_s']:.0f} tok/s |", flush=True)
+        if f.get("graphs_off_because"):
+            print(f"  CUDA graphs were turned off: {f['graphs_off_because']}", flush=True)
+
+    speed(device, sync, args.shape, getattr(torch, args.dtype), args.streams, args.new_tokens, graph_sizes, report)
+    dump()
     print(f"\nfigures: {args.output} ({time.perf_counter() - start:.0f} s)")
     return 0 if equality["equal_graphs"] == equality["equal_eager"] == equality["sequences"] else 1
-
 
 if __name__ == "__main__":
     raise SystemExit(main())
