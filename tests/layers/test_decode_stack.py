@@ -2,8 +2,8 @@
 layer-by-layer path: a bf16 Llama decoding a few sequences at once, greedy, token ids and logprobs
 equal with the stack and without it, at head sizes that take the attention kernel's vectorised
 path and its generic one, on the panel GEMM at every row count and on the small-batch kernel for
-a linear without panels (up to four rows); steps it cannot take (prefills, more rows than it
-takes) fall back."""
+a linear without panels (up to four rows), and steps of short prompt chunks (every token a row);
+steps it cannot take (more rows than it takes) fall back."""
 
 from __future__ import annotations
 
@@ -54,8 +54,9 @@ def test_the_stack_gives_the_layer_by_layer_bits(tmp_path, monkeypatch, shape):
     real = cpu_kernels.decode_stack
     monkeypatch.setattr(cpu_kernels, "decode_stack", lambda *a: calls.append(a[2].shape[0]) or real(*a))
     with_stack = generate(folder, prompts, 12, calls)
-    # decode steps of up to the 7 sequences (prefill steps fell back)
-    assert calls and set(calls) <= set(range(1, 8))
+    # decode steps of up to the 7 sequences, and the prompt steps (chunks of at most 64 tokens:
+    # every token a row of the decode kernel, as the layers run them)
+    assert set(range(1, 8)) & set(calls) and max(calls) >= sum(map(len, prompts[:2]))
     if cpu_kernels.gemm_panel_available():
         assert max(calls) > cpu_kernels.linear_small_rows()
     monkeypatch.setattr(DecodeStack, "_usable", lambda self: False)

@@ -1,11 +1,14 @@
 """A Llama-family decoder's layers in one native call for decode steps (layers/kernels/decode_stack.c):
-bf16 on CPUs with AVX-512 BF16 (or AVX2, where every linear has panels), the same kernels and rounding as the layer-by-layer path, so the
-same bits, without ~40 Python-level ops per layer — at one to four rows those cost as much as
-streaming the weights. The linears run the panel GEMM (up to MAX_ROWS rows); a linear without
-panels, the small-batch kernel on its plain weight (up to four rows).
+bf16 on CPUs with AVX-512 BF16 (or AVX2, where every linear has panels), the same kernels and
+rounding as the layer-by-layer path, so the same bits, without ~40 Python-level ops per layer — at
+one to four rows those cost as much as streaming the weights. The linears run the panel GEMM (up
+to MAX_ROWS rows); a linear without panels, the small-batch kernel on its plain weight (up to four
+rows). A step whose prompt chunks are all short runs here too: every token is a row of the decode
+kernel over its sequence's keys up to its own position (engine/inputs.py's row table), as the
+layers' attention runs such a step.
 
-`DecodeStack.run` returns None whenever the step or the model is not one it takes (a prefill in
-the step, more rows than it takes, another dtype or device, quantized
+`DecodeStack.run` returns None whenever the step or the model is not one it takes (a longer
+prompt chunk in the step, more rows than it takes, another dtype or device, quantized
 or sharded linears (any linear whose method is not the plain one), mixture-of-experts MLPs,
 biases, q/k norms, partial rotary, attention options, a linear with neither panels nor a plain
 weight kept);
@@ -85,8 +88,14 @@ class DecodeStack:
     def run(self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs) -> torch.Tensor | None:
         """x [rows, hidden] after the embedding → after the last layer (before the final norm)."""
         rows = x.shape[0]
-        if (not self.usable or attn.prefills or attn.num_decode != rows or x.dtype != torch.bfloat16
-                or x.device.type != "cpu" or not 0 < rows <= self.max_rows):
+        if (not self.usable or x.dtype != torch.bfloat16 or x.device.type != "cpu"
+                or not 0 < rows <= self.max_rows):
+            return None
+        if attn.row_table is not None:  # short prompt chunks too: every token a row (engine/inputs.py)
+            table, lens = attn.row_table, attn.row_lens
+        elif not attn.prefills and attn.num_decode == rows:
+            table, lens = attn.decode_block_table, attn.decode_seq_lens
+        else:
             return None
         first = self.layers[0].self_attn
         if self.pointers is None or self.cache_ptr != first.attn.k_cache.data_ptr():  # caches (re)bound
@@ -96,6 +105,5 @@ class DecodeStack:
         ok = cpu_kernels.decode_stack(
             self.pointers, len(self.layers), out, first.num_heads, first.num_kv_heads, first.head_dim,
             mlp.down_proj.in_features, self.layers[0].input_layernorm.eps, positions, first.rotary.cos,
-            first.rotary.sin, attn.slot_mapping, attn.decode_block_table, attn.decode_seq_lens,
-            first.attn.k_cache.shape[1], first.attn.scale)
+            first.rotary.sin, attn.slot_mapping, table, lens, first.attn.k_cache.shape[1], first.attn.scale)
         return out if ok else None
