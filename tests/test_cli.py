@@ -103,3 +103,14 @@ def test_prompts_are_grouped_per_step_on_cpu_by_default_and_the_group_is_a_flag(
     assert parse([], {"PREFILL_GROUP_TOKENS": "100"}).scheduler.prefill_group_tokens == 100
     with pytest.raises(ConfigError):
         resolve(parse(["--model-id", smollm2_dir, "--device", "cpu", "--prefill-group-tokens", "0"]))
+
+
+def test_cuda_graphs_flag_and_its_environment_twin_are_read_and_a_bad_list_refused(smollm2_dir):
+    from tgserve.config import ConfigError, cuda_graph_sizes
+    from tgserve.launcher import resolve
+
+    assert cuda_graph_sizes(parse([]).model.cuda_graphs) == (1, 2, 4, 8, 16, 32, 64, 128)
+    assert cuda_graph_sizes(parse(["--cuda-graphs", "1,2,4"]).model.cuda_graphs) == (1, 2, 4)
+    assert cuda_graph_sizes(parse([], {"CUDA_GRAPHS": "0"}).model.cuda_graphs) == ()
+    with pytest.raises(ConfigError, match="--cuda-graphs"):
+        resolve(parse(["--model-id", smollm2_dir, "--device", "cpu", "--cuda-graphs", "1,x"]))

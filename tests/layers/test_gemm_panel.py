@@ -13,7 +13,7 @@ from tgserve.weights.loader import load_model
 from conftest import assert_bf16_linear_close, build_tiny_llama
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.gemm_panel_available(),
-                                  reason="no AVX-512 BF16 on this CPU (or no C compiler): the kernel is not built")
+                                  reason="neither AVX-512 BF16 nor AVX2 here (or no C compiler): the kernel is not built")
 
 
 @needs_kernel

@@ -41,6 +41,7 @@ from tgserve.layers.attention import NULL_BLOCK, AttentionInputs
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(slots=True)
 class _Graph:
     batch: int
@@ -82,13 +83,18 @@ class DecodeGraphs:
                 return None
             self.graphs[(batch, width)] = graph
         self._fill(graph, step)
+        self.launch(graph)
+        if np.array_equal(step.sample_indices, np.arange(d)):
+            return graph.logits[:d]
+        return graph.logits.index_select(0, torch.from_numpy(step.sample_indices).to(self.device))
+
+    def launch(self, graph: _Graph) -> None:
+        """Run the graph on the inputs in its buffer: a replay, or (not captured) the same forward
+        eagerly; its logits land in graph.logits."""
         if graph.graph is not None:
             graph.graph.replay()
         else:
             graph.logits = self._forward(graph)
-        if np.array_equal(step.sample_indices, np.arange(d)):
-            return graph.logits[:d]
-        return graph.logits.index_select(0, torch.from_numpy(step.sample_indices).to(self.device))
 
     def _views(self, graph: _Graph) -> tuple[torch.Tensor, torch.Tensor, AttentionInputs]:
         b, w, buf = graph.batch, graph.width, graph.inputs

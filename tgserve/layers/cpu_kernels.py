@@ -4,8 +4,8 @@ Only what PyTorch has no good op for lives here: paged decode attention (also a 
 prompt chunks, every token a row), bf16 linear layers over panel-packed weights at every batch
 size (kernels/gemm_panel.c, where the CPU has AVX-512 BF16: faster than oneDNN's packed GEMM; or
 AVX2 and FMA, widening bf16 to float32 in registers; a gated MLP's gate/up projection with its SiLU
-fused) and, for weights it cannot take and for float32
-weights, at decode-sized batches over plain weights (kernels/linear_small.c), greedy choice
+fused) and, for weights it cannot take and for float32 weights, at decode-sized batches over plain
+weights (kernels/linear_small.c), greedy choice
 with its log-probability in one pass over the logits (kernels/greedy.c), and a layer's small
 element-wise steps — RMSNorm (alone or after the residual add), rotary embedding,
 SiLU-and-multiply, the K/V cache write — as one pass each (kernels/elementwise.c). If no compiler is
@@ -42,6 +42,8 @@ MARCH_ENV = "TGSERVE_CPU_MARCH"
 
 def _flags() -> list[str]:
     return ["-O3", f"-march={os.environ.get(MARCH_ENV) or 'native'}", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+
+
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
 # the dtypes each element-wise kernel takes: only where it gives PyTorch's own bits (elementwise.c)
 _ELEMENTWISE = {"rms_norm": (torch.bfloat16,), "add_rms_norm": (torch.bfloat16,),

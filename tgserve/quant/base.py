@@ -43,18 +43,20 @@ class QuantMethod:
 
 class Unquantized(QuantMethod):
     """Plain weights in the model dtype. On CPU the weight is repacked once: bf16 weights on a CPU
-    with AVX-512 BF16 into panels for the native GEMM (layers/kernels/gemm_panel.c), which every
-    batch size runs — ~410 GFLOP/s at 64 rows where oneDNN ran 260-385, and at one to four rows
-    it streams the weights faster than the row-major small-batch kernel (SmolLM2's layers: 44 vs
-    41 GB/s at one row, 44 vs 27-29 at two to four); other weights into oneDNN's blocked layout,
-    which runs the skinny matmuls of decoding 1.3-2x faster than the plain GEMM here.
+    with AVX-512 BF16 (or AVX2 and FMA: the GEMM's AVX2 build) into panels for the native GEMM
+    (layers/kernels/gemm_panel.c), which every batch size runs — ~410 GFLOP/s at 64 rows where
+    oneDNN ran 260-385, and at one to four rows it streams the weights faster than the row-major
+    small-batch kernel (SmolLM2's layers: 44 vs 41 GB/s at one row, 44 vs 27-29 at two to four);
+    other weights into oneDNN's blocked layout, which runs the skinny matmuls of decoding 1.3-2x
+    faster than the plain GEMM here.
 
     A bf16 weight without panels (a shape the GEMM does not take: outputs not a multiple of 64,
     e.g. GPT-2's 50257-word LM head) runs one to four rows on the small-batch kernel
     (layers/kernels/linear_small.c: ~27 GB/s where oneDNN reads ~16.5), and so does a float32
-    weight (~30 GB/s where oneDNN's packed one reads ~22), when it keeps its plain weight too: always for a weight another module owns anyway (a tied LM head), and for the
-    others when the model's linears take little of the memory (`keep_plain`, set by the loader:
-    see `plain_copies_fit`)."""
+    weight (~30 GB/s where oneDNN's packed one reads ~22), when it keeps its plain weight too:
+    always for a weight another module owns anyway (a tied LM head), and for the others when the
+    model's linears take little of the memory (`keep_plain`, set by the loader: see
+    `plain_copies_fit`)."""
 
     keep_plain = False  # keep the plain weight beside the packed one (the loader's memory policy)
     shared = False  # the weight belongs to another module too (a tied LM head): keeping it costs nothing
@@ -69,7 +71,7 @@ class Unquantized(QuantMethod):
         target.copy_(shard)
 
     def after_load(self, layer: nn.Module) -> None:
-        # bf16 on a CPU with AVX-512 BF16: panels for the native GEMM (layers/kernels/gemm_panel.c,
+        # bf16 on a CPU with AVX-512 BF16 or AVX2: panels for the native GEMM (layers/kernels/gemm_panel.c,
         # the fastest here at every batch size); otherwise oneDNN's packed copy
         layer.panel_weight = cpu_kernels.panel_pack(layer.weight)
         layer.packed_weight = _onednn_pack(layer.weight) if layer.panel_weight is None else None
